@@ -19,7 +19,7 @@ numpy arrays or torch tensors (on any device) and the arithmetic stays where the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,6 +27,10 @@ import numpy as np
 __all__ = ["Selection", "sift", "nearest_neighbors", "posterior_variances"]
 
 DEFAULT_LAMBDA = 0.01
+# float32 Gram entries carry ~1e-7 relative error; once λ is within two orders of magnitude of that the
+# posterior covariance stops being positive semi-definite (negative "variances", wrong picks), so below
+# this λ the Gram matrix is computed in float64 (about twice the cost of the float32 GEMM).
+FLOAT32_SAFE_LAMBDA = 1e-5
 
 
 @dataclass(frozen=True)
@@ -42,7 +46,6 @@ class Selection:
     variances: np.ndarray
     lam: float
     strategy: str
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -92,7 +95,7 @@ def nearest_neighbors(candidates: Any, query: Any, n: int, lam: float = DEFAULT_
     lam so that SIFT and nearest-neighbour retrieval can be compared on one scale.
     """
     n = _check_n(n)
-    posterior = _Posterior(candidates, query, lam, capacity=n)
+    posterior = _Posterior(candidates, query, lam, capacity=min(n, len(candidates)))
     scores = posterior.cross.sum(1)  # Σ_j <x, x*_j> = m · <x, mean query>
     order = np.argsort(-_to_numpy(scores), kind="stable")
     for i in order[:n]:
@@ -117,7 +120,7 @@ class _Posterior:
     def __init__(self, candidates: Any, query: Any, lam: float, capacity: int):
         if not lam > 0 or not np.isfinite(lam):
             raise ValueError(f"lam must be a finite number > 0, got {lam}")
-        C, Q = _as_float_pair(candidates, query)
+        C, Q = _as_float_pair(candidates, query, precise=lam < FLOAT32_SAFE_LAMBDA)
         if C.ndim != 2:
             raise ValueError(f"candidates must be [K, d], got shape {tuple(C.shape)}")
         if Q.ndim == 1:
@@ -174,16 +177,17 @@ def _is_torch(x: Any) -> bool:
     return type(x).__module__.startswith("torch")
 
 
-def _as_float_pair(candidates: Any, query: Any) -> tuple[Any, Any]:
+def _as_float_pair(candidates: Any, query: Any, precise: bool) -> tuple[Any, Any]:
+    """Both inputs as one float dtype on one device; float64 when `precise`, else the input's own float."""
     if _is_torch(candidates) or _is_torch(query):
         import torch
 
-        C = candidates if _is_torch(candidates) else torch.as_tensor(np.asarray(candidates))
-        Q = torch.as_tensor(np.asarray(query)) if not _is_torch(query) else query
-        dtype = C.dtype if C.dtype in (torch.float32, torch.float64) else torch.float32
+        C = candidates.detach() if _is_torch(candidates) else torch.as_tensor(np.asarray(candidates))
+        Q = query.detach() if _is_torch(query) else torch.as_tensor(np.asarray(query))
+        dtype = torch.float64 if precise or C.dtype == torch.float64 else torch.float32
         return C.to(dtype), Q.to(device=C.device, dtype=dtype)
     C, Q = np.asarray(candidates), np.asarray(query)
-    dtype = C.dtype if C.dtype in (np.float32, np.float64) else np.float32
+    dtype = np.float64 if precise or C.dtype == np.float64 else np.float32
     return np.ascontiguousarray(C, dtype=dtype), np.ascontiguousarray(Q, dtype=dtype)
 
 

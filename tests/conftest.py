@@ -1,0 +1,97 @@
+"""Shared fixtures. Models load once per session; every test runs offline."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+# No model hub is reachable from CI: fail fast on any accidental download instead of timing out.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+PILE_SAMPLE = SHARED / "data" / "pile-sample" / "pile-sample.jsonl"
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    from ttserve.embedding import Embedder
+
+    return Embedder()
+
+
+@pytest.fixture(scope="session")
+def pile_sample() -> Path:
+    if not PILE_SAMPLE.is_file():
+        pytest.skip(f"../shared/data/pile-sample is not present ({PILE_SAMPLE}); it is only needed for evaluation tests")
+    return PILE_SAMPLE
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+TOPICS = {
+    "faiss": "Faiss builds an inverted file index over dense vectors and searches it by inner product.",
+    "sqlite": "SQLite stores the document table in a single file and answers SELECT queries by primary key.",
+    "lora": "A LoRA adapter adds a low-rank update to the attention projections of a frozen language model.",
+    "ray": "Ray Serve runs deployments as replicas and routes HTTP requests to them through a proxy.",
+    "kubernetes": "Kubernetes schedules pods onto nodes and restarts containers whose health checks fail.",
+    "bread": "Knead the dough for ten minutes, let it rise until doubled, then bake at 220 degrees.",
+    "football": "The striker scored twice in the second half and the home side won the league title.",
+    "weather": "A cold front brings heavy rain on Tuesday, followed by sunshine and light winds.",
+}
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> Path:
+    """A JSONL corpus with eight clearly separated topics, three paraphrase-level variants each."""
+    records = []
+    for topic, sentence in TOPICS.items():
+        for variant in range(3):
+            records.append({"id": f"{topic}-{variant}", "text": f"{sentence} (note {variant})", "topic": topic})
+    return write_jsonl(tmp_path_factory.mktemp("corpus") / "small.jsonl", records)
+
+
+class MemoizingEmbedder:
+    """The real embedder, computing each distinct text once per session.
+
+    Embedding runs at ~10 sequences/s on a 2-core CPU, so tests that build the same corpus with several
+    index types share the vectors instead of recomputing identical ones.
+    """
+
+    def __init__(self, inner):
+        self.inner, self.cache = inner, {}
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def encode(self, texts, batch_size=None):
+        import numpy as np
+
+        missing = [t for t in dict.fromkeys(texts) if t not in self.cache]
+        if missing:
+            self.cache.update(zip(missing, self.inner.encode(missing, batch_size), strict=True))
+        return np.stack([self.cache[t] for t in texts]) if texts else self.inner.encode(texts)
+
+
+@pytest.fixture(scope="session")
+def memo_embedder(embedder):
+    return MemoizingEmbedder(embedder)
+
+
+@pytest.fixture(scope="session")
+def pile_datastore(tmp_path_factory, pile_sample, memo_embedder) -> Path:
+    """The Pile sample as a flat datastore, built once per session."""
+    from ttserve.config import DatastoreConfig, Settings
+    from ttserve.datastore import build_datastore
+
+    out = tmp_path_factory.mktemp("pile") / "flat"
+    build_datastore([pile_sample], out, Settings(datastore=DatastoreConfig(path=out)), memo_embedder, progress=False)
+    return out

@@ -1,0 +1,3 @@
+from ttserve.cli import main
+
+main()

@@ -1,0 +1,74 @@
+"""A built datastore opened for retrieval: manifest, Faiss index, embedding matrix and document store.
+
+Candidate embeddings for SIFT come from the datastore's own embedding matrix (embeddings.bin, memory-
+mapped, row = sequence id), not from the index. That keeps SIFT's kernel exact whatever the index
+does to save memory (HNSW graphs, IVF lists, and in the large-scale design compressed PQ codes), costs
+one K-row read per query (~0.05 ms for K=200 from the page cache), and needs no re-embedding (which
+would cost K encoder passes per query). The price is disk: N·d·4 bytes (or ·2 for float16) beside the
+index.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ttserve.config import DatastoreConfig, EmbedderConfig
+from ttserve.datastore import faiss_index
+from ttserve.datastore.docstore import DocStore, StoredSequence
+from ttserve.datastore.manifest import DOCSTORE_FILE, EMBEDDINGS_FILE, INDEX_FILE, Manifest
+
+
+class EmbedderMismatchError(ValueError):
+    """The datastore was embedded with a different model than the one configured for queries."""
+
+
+class Datastore:
+    def __init__(self, path: str | Path, config: DatastoreConfig | None = None, embedder: EmbedderConfig | str | None = None):
+        """Open the datastore at `path`; `embedder` (config or model name) is checked against the manifest."""
+        self.path = Path(path)
+        self.config = config or DatastoreConfig(path=self.path)
+        self.manifest = Manifest.read(self.path)
+        if embedder is not None:
+            expected = embedder if isinstance(embedder, str) else embedder.model
+            if expected != self.manifest.embedder.model:
+                raise EmbedderMismatchError(
+                    f"{self.path} was embedded with {self.manifest.embedder.model!r} but the configured embedder is "
+                    f"{expected!r}; query embeddings would not be comparable. Rebuild the datastore or configure "
+                    f"embedder.model: {self.manifest.embedder.model}"
+                )
+        self.dimension = self.manifest.embedder.dimension
+        self.embeddings = open_embeddings(self.path, self.manifest)
+        self.index = faiss_index.configure_search(faiss_index.read_index(self.path / INDEX_FILE), self.config)
+        self.docs = DocStore(self.path / DOCSTORE_FILE)
+        if not (self.index.ntotal == len(self.embeddings) == self.manifest.counts.sequences):
+            raise ValueError(
+                f"{self.path} is inconsistent: index has {self.index.ntotal} vectors, embeddings "
+                f"{len(self.embeddings)}, manifest {self.manifest.counts.sequences}"
+            )
+
+    def __len__(self) -> int:
+        return self.manifest.counts.sequences
+
+    def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Pre-selection: the top-k sequence ids by |inner product| with `query` [d], and their inner products."""
+        return faiss_index.search_abs(self.index, query, k)
+
+    def vectors(self, ids: np.ndarray) -> np.ndarray:
+        """The exact stored embeddings of `ids`, float32 [len(ids), d]."""
+        return np.asarray(self.embeddings[np.asarray(ids, dtype=np.int64)], dtype=np.float32)
+
+    def sequences(self, ids: np.ndarray | list[int]) -> list[StoredSequence]:
+        return self.docs.get([int(i) for i in ids])
+
+
+def open_embeddings(path: Path, manifest: Manifest, mode: str = "r") -> np.memmap:
+    file = path / EMBEDDINGS_FILE
+    shape = (manifest.counts.sequences, manifest.embedder.dimension)
+    expected = shape[0] * shape[1] * np.dtype(manifest.embedding_dtype).itemsize
+    if file.stat().st_size != expected:
+        raise ValueError(f"{file} has {file.stat().st_size} bytes, the manifest implies {expected}")
+    if shape[0] == 0:
+        return np.zeros(shape, dtype=manifest.embedding_dtype)  # np.memmap cannot map an empty file
+    return np.memmap(file, dtype=manifest.embedding_dtype, mode=mode, shape=shape)

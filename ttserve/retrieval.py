@@ -1,0 +1,160 @@
+"""Two-stage retrieval (spec §2): Faiss pre-selects K candidates by |inner product|, then SIFT (or kNN)
+picks N of them using their exact embeddings.
+
+`Retriever` is safe to call from many threads: the embedder serialises its own forward passes, Faiss
+searches and SIFT run concurrently, and the document store opens one SQLite connection per thread.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from ttserve import selection
+from ttserve.config import RetrievalConfig, Settings
+from ttserve.datastore import Datastore, EmbedderMismatchError, StoredSequence
+from ttserve.embedding import Embedder
+
+Strategy = Literal["sift", "knn"]
+
+
+@dataclass(frozen=True)
+class Retrieval:
+    """What was selected for one prompt, in selection order (SIFT may repeat a sequence)."""
+
+    ids: list[int]  # sequence ids (rows of the datastore), one per pick
+    sequences: list[StoredSequence]
+    variances: np.ndarray  # summed posterior variance, len(ids) + 1 (spec §2: σ_0², σ_1², ...)
+    strategy: Strategy
+    lam: float
+    num_targets: int  # m: prompt chunks that acted as SIFT targets
+    candidates: int  # K actually pre-selected
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    truncated_from: int | None = None  # picks before adaptive truncation, when alpha was given
+
+    @property
+    def texts(self) -> list[str]:
+        return [s.text for s in self.sequences]
+
+    @property
+    def doc_ids(self) -> list[str]:
+        return [s.doc_id for s in self.sequences]
+
+    @property
+    def uncertainty_before(self) -> float:
+        return float(self.variances[0])
+
+    @property
+    def uncertainty_after(self) -> float:
+        return float(self.variances[-1])
+
+
+class Retriever:
+    def __init__(self, datastore: Datastore, embedder: Embedder, config: RetrievalConfig | None = None):
+        if datastore.manifest.embedder.model != embedder.name:
+            raise EmbedderMismatchError(
+                f"datastore embedded with {datastore.manifest.embedder.model!r}, embedder is {embedder.name!r}"
+            )
+        self.datastore = datastore
+        self.embedder = embedder
+        self.config = config or RetrievalConfig()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, path: str | None = None) -> Retriever:
+        embedder = Embedder(settings.embedder)
+        datastore = Datastore(path or settings.datastore.path, settings.datastore, settings.embedder)
+        return cls(datastore, embedder, settings.retrieval)
+
+    def retrieve(
+        self,
+        text: str,
+        n: int | None = None,
+        k: int | None = None,
+        strategy: Strategy | None = None,
+        lam: float | None = None,
+        alpha: float | None = None,
+        exclude_ids: set[int] | None = None,
+    ) -> Retrieval:
+        """Select up to n sequences for the prompt `text` (see `retrieve_embeddings`)."""
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("prompt text must be a non-empty string")
+        started = time.perf_counter()
+        targets = self.embedder.encode_query(text, self.config.max_query_chunks)
+        embed_ms = (time.perf_counter() - started) * 1e3
+        result = self.retrieve_embeddings(targets, n, k, strategy, lam, alpha, exclude_ids)
+        result.timings_ms["embed_ms"] = embed_ms
+        result.timings_ms["total_ms"] += embed_ms
+        return result
+
+    def retrieve_embeddings(
+        self,
+        targets: np.ndarray,
+        n: int | None = None,
+        k: int | None = None,
+        strategy: Strategy | None = None,
+        lam: float | None = None,
+        alpha: float | None = None,
+        exclude_ids: set[int] | None = None,
+    ) -> Retrieval:
+        """Select for prompt target embeddings [d] or [m, d].
+
+        Pre-selection uses the mean target (spec §1); SIFT then minimises the summed variance of all m.
+        `exclude_ids` removes sequences from the candidates (evaluation: a test document must not
+        retrieve itself). `alpha` applies the adaptive-SIFT truncation (may leave zero picks).
+        """
+        n = self.config.n if n is None else n
+        k = self.config.k if k is None else k
+        strategy = strategy or self.config.strategy
+        lam = self.config.lam if lam is None else lam
+        alpha = self.config.alpha if alpha is None else alpha
+        if strategy not in ("sift", "knn"):
+            raise ValueError(f"unknown strategy {strategy!r}: use 'sift' or 'knn'")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        targets = np.atleast_2d(np.asarray(targets, dtype=np.float32))
+        if targets.shape[1] != self.datastore.dimension:
+            raise ValueError(f"target embeddings have dimension {targets.shape[1]}, datastore {self.datastore.dimension}")
+
+        started = time.perf_counter()
+        extra = len(exclude_ids) if exclude_ids else 0
+        ids, _ = self.datastore.search(targets.mean(0), k + extra)
+        if exclude_ids:
+            ids = ids[~np.isin(ids, np.fromiter(exclude_ids, dtype=np.int64, count=len(exclude_ids)))]
+        ids = ids[:k]
+        candidates = self.datastore.vectors(ids)
+        index_ms = (time.perf_counter() - started) * 1e3
+
+        started = time.perf_counter()
+        if len(ids) == 0:
+            raise LookupError("the datastore returned no candidates")
+        select = selection.sift if strategy == "sift" else selection.nearest_neighbors
+        picked = select(candidates, targets, n, lam=lam)
+        truncated_from = None
+        if alpha is not None:
+            truncated_from = len(picked)
+            picked = picked.stop_adaptive(alpha)
+        selection_ms = (time.perf_counter() - started) * 1e3
+
+        started = time.perf_counter()
+        chosen = [int(i) for i in ids[picked.indices]]
+        sequences = self.datastore.sequences(chosen)
+        fetch_ms = (time.perf_counter() - started) * 1e3
+        return Retrieval(
+            ids=chosen,
+            sequences=sequences,
+            variances=picked.variances,
+            strategy=strategy,
+            lam=lam,
+            num_targets=len(targets),
+            candidates=len(ids),
+            truncated_from=truncated_from,
+            timings_ms={
+                "index_ms": index_ms,
+                "selection_ms": selection_ms,
+                "fetch_ms": fetch_ms,
+                "total_ms": index_ms + selection_ms + fetch_ms,
+            },
+        )
