@@ -28,7 +28,9 @@ def embedder():
 @pytest.fixture(scope="session")
 def pile_sample() -> Path:
     if not PILE_SAMPLE.is_file():
-        pytest.skip(f"../shared/data/pile-sample is not present ({PILE_SAMPLE}); it is only needed for evaluation tests")
+        pytest.skip(
+            f"../shared/data/pile-sample is not present ({PILE_SAMPLE}); it is only needed for evaluation tests"
+        )
     return PILE_SAMPLE
 
 
@@ -55,7 +57,9 @@ def small_corpus(tmp_path_factory) -> Path:
     records = []
     for topic, sentence in TOPICS.items():
         for variant in range(3):
-            records.append({"id": f"{topic}-{variant}", "text": f"{sentence} (note {variant})", "topic": topic})
+            records.append(
+                {"id": f"{topic}-{variant}", "text": f"{sentence} (note {variant})", "topic": topic}
+            )
     return write_jsonl(tmp_path_factory.mktemp("corpus") / "small.jsonl", records)
 
 
@@ -93,5 +97,7 @@ def pile_datastore(tmp_path_factory, pile_sample, memo_embedder) -> Path:
     from ttserve.datastore import build_datastore
 
     out = tmp_path_factory.mktemp("pile") / "flat"
-    build_datastore([pile_sample], out, Settings(datastore=DatastoreConfig(path=out)), memo_embedder, progress=False)
+    build_datastore(
+        [pile_sample], out, Settings(datastore=DatastoreConfig(path=out)), memo_embedder, progress=False
+    )
     return out

@@ -26,7 +26,9 @@ from ttserve.datastore.faiss_index import search_abs
 
 def build(corpus, out, embedder, **datastore):
     settings = Settings(datastore=DatastoreConfig(path=out, **datastore))
-    return build_datastore(corpus if isinstance(corpus, list) else [corpus], out, settings, embedder, progress=False)
+    return build_datastore(
+        corpus if isinstance(corpus, list) else [corpus], out, settings, embedder, progress=False
+    )
 
 
 def leftovers(directory):
@@ -59,7 +61,9 @@ def test_text_directories_and_parquet(tmp_path, embedder):
     (docs / "intro.md").write_text("# Intro\nttserve fine-tunes at test time.")
     (docs / "guide" / "usage.txt").write_text("Run make run to start the server.")
     (docs / "image.png").write_bytes(b"\x89PNG not text")
-    table = pa.table({"id": ["p1", "p2"], "text": ["parquet row one", "parquet row two"], "lang": ["en", "de"]})
+    table = pa.table(
+        {"id": ["p1", "p2"], "text": ["parquet row one", "parquet row two"], "lang": ["en", "de"]}
+    )
     pq.write_table(table, tmp_path / "rows.parquet")
 
     manifest = build([docs, tmp_path / "rows.parquet"], tmp_path / "ds", embedder)
@@ -72,7 +76,12 @@ def test_text_directories_and_parquet(tmp_path, embedder):
 
 def test_long_documents_split_into_whole_sequences(tmp_path, embedder):
     long_text = " ".join(f"sentence {i} talks about vectors and adapters." for i in range(300))
-    manifest = build(write_jsonl(tmp_path / "long.jsonl", [{"id": "long", "text": long_text}]), tmp_path / "ds", embedder, chunk_tokens=64)
+    manifest = build(
+        write_jsonl(tmp_path / "long.jsonl", [{"id": "long", "text": long_text}]),
+        tmp_path / "ds",
+        embedder,
+        chunk_tokens=64,
+    )
     store = Datastore(tmp_path / "ds")
     chunks = store.sequences(range(manifest.counts.sequences))
     assert manifest.counts.documents == 1 and len(chunks) > 10
@@ -92,9 +101,16 @@ def test_add_appends_and_keeps_existing_ids(tmp_path, small_corpus, embedder):
     out = tmp_path / "ds"
     build(small_corpus, out, embedder)
     before = Datastore(out).sequences(range(24))
-    extra = write_jsonl(tmp_path / "extra.jsonl", [{"id": "new-1", "text": "Adapters are cached by content hash."}, {"text": ""}])
+    extra = write_jsonl(
+        tmp_path / "extra.jsonl",
+        [{"id": "new-1", "text": "Adapters are cached by content hash."}, {"text": ""}],
+    )
     manifest = add_to_datastore(out, [extra], Settings(), embedder, progress=False)
-    assert manifest.counts.documents == 25 and manifest.counts.sequences == 25 and manifest.counts.skipped_empty == 1
+    assert (
+        manifest.counts.documents == 25
+        and manifest.counts.sequences == 25
+        and manifest.counts.skipped_empty == 1
+    )
     assert manifest.sources == [str(small_corpus), str(extra)]
     store = Datastore(out)
     assert store.index.ntotal == 25 and store.sequences(range(24)) == before
@@ -132,12 +148,16 @@ def test_invalid_utf8_can_be_skipped_and_counted(tmp_path, embedder):
     with pytest.raises(CorpusError, match=r"b\.txt:2: invalid UTF-8"):
         build(text_dir, tmp_path / "ds0", embedder)
     settings = Settings(datastore=DatastoreConfig(path=tmp_path / "ds"))
-    manifest = build_datastore([corpus, text_dir], tmp_path / "ds", settings, embedder, skip_invalid_utf8=True, progress=False)
+    manifest = build_datastore(
+        [corpus, text_dir], tmp_path / "ds", settings, embedder, skip_invalid_utf8=True, progress=False
+    )
     assert manifest.counts.documents == 3 and manifest.counts.skipped_invalid_utf8 == 2
 
 
 def test_empty_texts_are_skipped_and_counted(tmp_path, embedder):
-    corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": "real"}, {"text": ""}, {"text": "  \n"}, {"text": None}])
+    corpus = write_jsonl(
+        tmp_path / "c.jsonl", [{"text": "real"}, {"text": ""}, {"text": "  \n"}, {"text": None}]
+    )
     assert build(corpus, tmp_path / "ds", embedder).counts.skipped_empty == 3
     only_empty = write_jsonl(tmp_path / "e.jsonl", [{"text": ""}])
     with pytest.raises(CorpusError, match="no non-empty documents"):
@@ -150,7 +170,11 @@ def test_empty_texts_are_skipped_and_counted(tmp_path, embedder):
         ("missing.jsonl", None, "no such file"),
         ("data.csv", lambda p: p.write_text("a,b"), "unsupported file type '.csv'"),
         ("empty_dir", lambda p: p.mkdir(), "directory has no text files"),
-        ("notext.parquet", lambda p: pq.write_table(pa.table({"body": ["x"]}), p), "missing required column 'text'"),
+        (
+            "notext.parquet",
+            lambda p: pq.write_table(pa.table({"body": ["x"]}), p),
+            "missing required column 'text'",
+        ),
         ("broken.parquet", lambda p: p.write_bytes(b"not parquet"), "not a readable Parquet file"),
     ],
 )
@@ -194,9 +218,18 @@ def test_failed_overwrite_and_add_keep_the_previous_datastore(tmp_path, small_co
     monkeypatch.setattr(build_module, "EMBED_BLOCK", 5)
     settings = Settings(datastore=DatastoreConfig(path=out))
     with pytest.raises(RuntimeError):
-        build_datastore([small_corpus, small_corpus], out, settings, InterruptingEmbedder(embedder, RuntimeError), overwrite=True, progress=False)
+        build_datastore(
+            [small_corpus, small_corpus],
+            out,
+            settings,
+            InterruptingEmbedder(embedder, RuntimeError),
+            overwrite=True,
+            progress=False,
+        )
     with pytest.raises(RuntimeError):
-        add_to_datastore(out, [small_corpus], settings, InterruptingEmbedder(embedder, RuntimeError), progress=False)
+        add_to_datastore(
+            out, [small_corpus], settings, InterruptingEmbedder(embedder, RuntimeError), progress=False
+        )
     assert Manifest.read(out) == original and Datastore(out).index.ntotal == 24
     assert leftovers(tmp_path) == []
 
@@ -207,7 +240,9 @@ def test_existing_target_needs_overwrite(tmp_path, small_corpus, embedder):
     with pytest.raises(FileExistsError, match="overwrite"):
         build(small_corpus, out, embedder)
     settings = Settings(datastore=DatastoreConfig(path=out))
-    replaced = build_datastore([small_corpus, small_corpus], out, settings, embedder, overwrite=True, progress=False)
+    replaced = build_datastore(
+        [small_corpus, small_corpus], out, settings, embedder, overwrite=True, progress=False
+    )
     assert replaced.counts.sequences == 48 and Datastore(out).index.ntotal == 48
     assert leftovers(tmp_path) == []
 
@@ -215,10 +250,17 @@ def test_existing_target_needs_overwrite(tmp_path, small_corpus, embedder):
 def test_embedder_mismatch_is_a_clear_error(tmp_path, small_corpus, embedder):
     out = tmp_path / "ds"
     build(small_corpus, out, embedder)
-    with pytest.raises(EmbedderMismatchError, match="was embedded with 'sentence-transformers/all-MiniLM-L6-v2'"):
+    with pytest.raises(
+        EmbedderMismatchError, match="was embedded with 'sentence-transformers/all-MiniLM-L6-v2'"
+    ):
         Datastore(out, embedder=EmbedderConfig(model="BAAI/bge-small-en-v1.5"))
     with pytest.raises(EmbedderMismatchError):
-        add_to_datastore(out, [small_corpus], Settings(embedder=EmbedderConfig(model="BAAI/bge-small-en-v1.5")), progress=False)
+        add_to_datastore(
+            out,
+            [small_corpus],
+            Settings(embedder=EmbedderConfig(model="BAAI/bge-small-en-v1.5")),
+            progress=False,
+        )
 
 
 def test_not_a_datastore(tmp_path):
@@ -226,8 +268,12 @@ def test_not_a_datastore(tmp_path):
         Datastore(tmp_path)
 
 
-@pytest.mark.parametrize(("index_type", "dtype"), [("hnsw", "float32"), ("ivf", "float16"), ("flat", "float16")])
-def test_approximate_indexes_and_float16(tmp_path, pile_sample, pile_datastore, memo_embedder, index_type, dtype):
+@pytest.mark.parametrize(
+    ("index_type", "dtype"), [("hnsw", "float32"), ("ivf", "float16"), ("flat", "float16")]
+)
+def test_approximate_indexes_and_float16(
+    tmp_path, pile_sample, pile_datastore, memo_embedder, index_type, dtype
+):
     flat = pile_datastore
     other = tmp_path / index_type
     manifest = build(pile_sample, other, memo_embedder, index_type=index_type, embedding_dtype=dtype)

@@ -23,13 +23,17 @@ def make_retriever(tmp_path, records, embedder, name="ds"):
 @pytest.fixture(scope="module")
 def topic_retriever(tmp_path_factory, small_corpus, embedder):
     out = tmp_path_factory.mktemp("topics") / "ds"
-    build_datastore([small_corpus], out, Settings(datastore=DatastoreConfig(path=out)), embedder, progress=False)
+    build_datastore(
+        [small_corpus], out, Settings(datastore=DatastoreConfig(path=out)), embedder, progress=False
+    )
     return Retriever(Datastore(out), embedder)
 
 
 def test_knn_and_sift_find_the_topic(topic_retriever):
     for strategy in ("knn", "sift"):
-        result = topic_retriever.retrieve("How does Faiss search an inverted file index of vectors?", n=3, strategy=strategy)
+        result = topic_retriever.retrieve(
+            "How does Faiss search an inverted file index of vectors?", n=3, strategy=strategy
+        )
         assert len(result.ids) == 3 and result.strategy == strategy
         assert result.sequences[0].metadata["topic"] == "faiss"
         assert result.variances.shape == (4,) and result.variances[0] == pytest.approx(1.0, abs=1e-5)
@@ -82,7 +86,9 @@ def test_long_prompts_give_several_targets(tmp_path, topic_retriever):
     assert result.num_targets >= 2
     topics = {s.metadata["topic"] for s in result.sequences}
     assert {"faiss", "bread"} <= topics
-    capped = Retriever(topic_retriever.datastore, topic_retriever.embedder, RetrievalConfig(max_query_chunks=1))
+    capped = Retriever(
+        topic_retriever.datastore, topic_retriever.embedder, RetrievalConfig(max_query_chunks=1)
+    )
     assert capped.retrieve(faiss_part + " " + bread_part, n=6).num_targets == 1
 
 

@@ -505,3 +505,18 @@ def test_concurrent_sift_calls_match_sequential_results(frequent_thread_switches
             for expected, got in zip(sequential, concurrent, strict=True):
                 np.testing.assert_array_equal(got.indices, expected.indices)
                 np.testing.assert_allclose(got.variances, expected.variances, rtol=1e-12)
+
+
+def test_concurrent_selections_restore_blas_threads():
+    """SIFT runs BLAS single-threaded; overlapping calls must leave the process's setting as it was."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def blas_threads():
+        return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+    problems = [random_problem(seed, 60, 16, 2) for seed in range(24)]
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = blas_threads()
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            list(pool.map(lambda p: sift(p[0], p[1], 20), problems))
+        assert blas_threads() == before == [2] * len(before)

@@ -28,7 +28,11 @@ def split_text(text: str, tokenizer: Any, max_tokens: int) -> list[str]:
         cut = cuts[-1] + max_tokens
         if word_ids is not None:
             aligned = cut
-            while aligned > cuts[-1] + 1 and word_ids[aligned] is not None and word_ids[aligned] == word_ids[aligned - 1]:
+            while (
+                aligned > cuts[-1] + 1
+                and word_ids[aligned] is not None
+                and word_ids[aligned] == word_ids[aligned - 1]
+            ):
                 aligned -= 1
             if aligned > cuts[-1] + 1 or word_ids[aligned] != word_ids[aligned - 1]:
                 cut = aligned  # else one word is longer than max_tokens: cut it hard
@@ -42,5 +46,9 @@ def split_text(text: str, tokenizer: Any, max_tokens: int) -> list[str]:
 
 def content_tokens(tokenizer: Any, max_seq_length: int) -> int:
     """How many content tokens fit in `max_seq_length` once the tokenizer's special tokens are added."""
-    specials = tokenizer.num_special_tokens_to_add(pair=False) if hasattr(tokenizer, "num_special_tokens_to_add") else 0
+    specials = (
+        tokenizer.num_special_tokens_to_add(pair=False)
+        if hasattr(tokenizer, "num_special_tokens_to_add")
+        else 0
+    )
     return max(1, max_seq_length - specials)

@@ -10,7 +10,9 @@ from typing import Annotated
 
 import typer
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="ttserve: an LLM server that learns at test time.")
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, help="ttserve: an LLM server that learns at test time."
+)
 index_app = typer.Typer(no_args_is_help=True, help="Build, extend and inspect datastores.")
 app.add_typer(index_app, name="index")
 
@@ -23,9 +25,13 @@ MorePaths = Annotated[list[Path] | None, typer.Argument(help="further corpus pat
 
 
 def _quiet_libraries() -> None:
-    # Offline by default: a hub id that is not cached locally fails fast instead of timing out.
+    # Offline unless asked otherwise (HF_HUB_OFFLINE=0): a hub id that is not cached fails fast instead of
+    # timing out. The transformers weight-loading bar is noise next to our own progress bars.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def _fail(message: str) -> typer.Exit:
@@ -59,21 +65,38 @@ def index_build(
     more: MorePaths = None,
     config: ConfigOption = None,
     index_type: Annotated[str | None, typer.Option(help="flat (exact) | hnsw | ivf")] = None,
-    tokenizer: Annotated[str | None, typer.Option(help="tokenizer for splitting (default: the embedder's)")] = None,
-    chunk_tokens: Annotated[int | None, typer.Option(help="max tokens per sequence (default: the embedder's input)")] = None,
+    tokenizer: Annotated[
+        str | None, typer.Option(help="tokenizer for splitting (default: the embedder's)")
+    ] = None,
+    chunk_tokens: Annotated[
+        int | None, typer.Option(help="max tokens per sequence (default: the embedder's input)")
+    ] = None,
     embedding_dtype: Annotated[str | None, typer.Option(help="float32 | float16")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing datastore (atomically)")] = False,
-    skip_invalid_utf8: Annotated[bool, typer.Option(help="skip and count records that are not UTF-8")] = False,
+    skip_invalid_utf8: Annotated[
+        bool, typer.Option(help="skip and count records that are not UTF-8")
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
 ) -> None:
     """Split, embed and index a corpus into a new datastore directory."""
     _quiet_libraries()
     from ttserve.datastore import CorpusError, build_datastore
 
-    settings = _settings(config, index_type=index_type, tokenizer=tokenizer, chunk_tokens=chunk_tokens, embedding_dtype=embedding_dtype)
+    settings = _settings(
+        config,
+        index_type=index_type,
+        tokenizer=tokenizer,
+        chunk_tokens=chunk_tokens,
+        embedding_dtype=embedding_dtype,
+    )
     try:
         manifest = build_datastore(
-            _corpus(corpus, more), out, settings, overwrite=overwrite, skip_invalid_utf8=skip_invalid_utf8, progress=not quiet
+            _corpus(corpus, more),
+            out,
+            settings,
+            overwrite=overwrite,
+            skip_invalid_utf8=skip_invalid_utf8,
+            progress=not quiet,
         )
     except (CorpusError, FileExistsError, ValueError) as error:
         raise _fail(str(error)) from None
@@ -86,7 +109,9 @@ def index_add(
     corpus: CorpusOption = None,
     more: MorePaths = None,
     config: ConfigOption = None,
-    skip_invalid_utf8: Annotated[bool, typer.Option(help="skip and count records that are not UTF-8")] = False,
+    skip_invalid_utf8: Annotated[
+        bool, typer.Option(help="skip and count records that are not UTF-8")
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Append documents to an existing datastore (split and embedded as its manifest says)."""
@@ -95,7 +120,9 @@ def index_add(
 
     settings = _settings(config)
     try:
-        manifest = add_to_datastore(path, _corpus(corpus, more), settings, skip_invalid_utf8=skip_invalid_utf8, progress=not quiet)
+        manifest = add_to_datastore(
+            path, _corpus(corpus, more), settings, skip_invalid_utf8=skip_invalid_utf8, progress=not quiet
+        )
     except (CorpusError, FileNotFoundError, ValueError) as error:
         raise _fail(str(error)) from None
     typer.echo(f"updated {path}: {_summary(manifest)}")
@@ -140,16 +167,63 @@ def retrieve(
         raise _fail(str(error)) from None
     if as_json:
         typer.echo(json.dumps(_retrieval_json(result), indent=2))
-        return
+    else:
+        _print_retrieval(result)
+
+
+@app.command()
+def run(
+    config: ConfigOption = None,
+    prompt: Annotated[
+        list[str] | None, typer.Option("--prompt", "-p", help="answer these prompts and exit")
+    ] = None,
+    n: Annotated[int, typer.Option(help="sequences to select per prompt")] = 8,
+) -> None:
+    """The main job on the embedded default: make sure the local datastore exists, then select data per prompt.
+
+    The first run builds the datastore from the Python standard library's sources (offline, about a
+    minute on 2 cores). Prompts come from --prompt or, one per line, from standard input.
+    """
+    _quiet_libraries()
+    from ttserve.datastore.local_corpus import ensure_datastore
+    from ttserve.retrieval import Retriever
+
+    settings = _settings(config)
+    manifest = ensure_datastore(settings)
+    typer.echo(f"datastore {settings.datastore.path}: {_summary(manifest)}")
+    retriever = Retriever.from_settings(settings)
+    prompts = prompt if prompt else _stdin_prompts()
+    for text in prompts:
+        if not text.strip():
+            continue
+        result = retriever.retrieve(text, n=n)
+        typer.echo(f"\n> {text}")
+        _print_retrieval(result)
+
+
+def _stdin_prompts():
+    if sys.stdin.isatty():
+        typer.echo("Type a prompt and press Enter (Ctrl-D to quit).")
+    for line in sys.stdin:
+        yield line.rstrip("\n")
+
+
+def _print_retrieval(result) -> None:
     typer.echo(
         f"{result.strategy}: {len(result.ids)} picks from {result.candidates} candidates, {result.num_targets} target(s), "
         f"lambda={result.lam:g}"
-        + (f", adaptive stop kept {len(result.ids)} of {result.truncated_from}" if result.truncated_from is not None else "")
+        + (
+            f", adaptive stop kept {len(result.ids)} of {result.truncated_from}"
+            if result.truncated_from is not None
+            else ""
+        )
     )
     typer.echo(f"  sigma^2_0 = {result.variances[0]:.4f}")
     for i, sequence in enumerate(result.sequences, start=1):
         snippet = " ".join(sequence.text.split())[:90]
-        typer.echo(f"{i:3d}. sigma^2 = {result.variances[i]:.4f}  [{sequence.id}] {sequence.doc_id}#{sequence.chunk}  {snippet}")
+        typer.echo(
+            f"{i:3d}. sigma^2 = {result.variances[i]:.4f}  [{sequence.id}] {sequence.doc_id}#{sequence.chunk}  {snippet}"
+        )
     timings = ", ".join(f"{name} {ms:.1f}" for name, ms in result.timings_ms.items())
     typer.echo(f"timings (ms): {timings}")
 
@@ -163,7 +237,8 @@ def _retrieval_json(result) -> dict:
         "truncated_from": result.truncated_from,
         "variances": [float(v) for v in result.variances],
         "picks": [
-            {"id": s.id, "doc_id": s.doc_id, "chunk": s.chunk, "source": s.source, "text": s.text} for s in result.sequences
+            {"id": s.id, "doc_id": s.doc_id, "chunk": s.chunk, "source": s.source, "text": s.text}
+            for s in result.sequences
         ],
         "timings_ms": result.timings_ms,
     }
@@ -171,7 +246,9 @@ def _retrieval_json(result) -> dict:
 
 def _summary(manifest) -> str:
     c = manifest.counts
-    skipped = f", {c.skipped_empty} empty skipped" + (f", {c.skipped_invalid_utf8} invalid UTF-8 skipped" if c.skipped_invalid_utf8 else "")
+    skipped = f", {c.skipped_empty} empty skipped" + (
+        f", {c.skipped_invalid_utf8} invalid UTF-8 skipped" if c.skipped_invalid_utf8 else ""
+    )
     return f"{c.documents} documents, {c.sequences} sequences ({manifest.index.type} index, {manifest.embedder.model}){skipped}"
 
 

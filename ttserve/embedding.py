@@ -43,7 +43,10 @@ class Embedder:
         if self.config.max_seq_length is not None:
             self.model.max_seq_length = self.config.max_seq_length
         self.tokenizer = self.model.tokenizer
-        get_dimension = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        get_dimension = (
+            getattr(self.model, "get_embedding_dimension", None)
+            or self.model.get_sentence_embedding_dimension
+        )
         self.dimension = int(get_dimension())
         self.max_seq_length = int(self.model.max_seq_length)
         # Content tokens per input once [CLS]/[SEP] (or the model's equivalents) are added.

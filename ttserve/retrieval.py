@@ -116,7 +116,9 @@ class Retriever:
             raise ValueError(f"k must be >= 1, got {k}")
         targets = np.atleast_2d(np.asarray(targets, dtype=np.float32))
         if targets.shape[1] != self.datastore.dimension:
-            raise ValueError(f"target embeddings have dimension {targets.shape[1]}, datastore {self.datastore.dimension}")
+            raise ValueError(
+                f"target embeddings have dimension {targets.shape[1]}, datastore {self.datastore.dimension}"
+            )
 
         started = time.perf_counter()
         extra = len(exclude_ids) if exclude_ids else 0

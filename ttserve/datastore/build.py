@@ -64,8 +64,12 @@ def build_datastore(
     tokenizer_name = config.tokenizer or embedder.name
     manifest = Manifest(
         ttserve_version=__version__,
-        embedder=EmbedderInfo(model=embedder.name, dimension=embedder.dimension, max_seq_length=embedder.max_seq_length),
-        splitter=SplitterInfo(tokenizer=tokenizer_name, chunk_tokens=config.chunk_tokens or embedder.max_tokens),
+        embedder=EmbedderInfo(
+            model=embedder.name, dimension=embedder.dimension, max_seq_length=embedder.max_seq_length
+        ),
+        splitter=SplitterInfo(
+            tokenizer=tokenizer_name, chunk_tokens=config.chunk_tokens or embedder.max_tokens
+        ),
         index=IndexInfo(type=config.index_type),
         embedding_dtype=config.embedding_dtype,
         counts=Counts(
@@ -78,7 +82,9 @@ def build_datastore(
         writer = DocStoreWriter(staging / DOCSTORE_FILE)
         try:
             (staging / EMBEDDINGS_FILE).touch()
-            added = _embed_corpus(corpus, stats.documents, manifest, embedder, writer, staging, skip_invalid_utf8, progress)
+            added = _embed_corpus(
+                corpus, stats.documents, manifest, embedder, writer, staging, skip_invalid_utf8, progress
+            )
             manifest.counts.documents, manifest.counts.sequences = stats.documents, added
             vectors = open_embeddings(staging, manifest)
             index = faiss_index.new_index(config.index_type, embedder.dimension, added, config)
@@ -118,7 +124,9 @@ def add_to_datastore(
         writer = DocStoreWriter(staging / DOCSTORE_FILE)
         try:
             before = manifest.counts.sequences
-            added = _embed_corpus(corpus, stats.documents, manifest, embedder, writer, staging, skip_invalid_utf8, progress)
+            added = _embed_corpus(
+                corpus, stats.documents, manifest, embedder, writer, staging, skip_invalid_utf8, progress
+            )
             manifest.counts.documents += stats.documents
             manifest.counts.sequences += added
             manifest.counts.skipped_empty += stats.skipped_empty
@@ -144,7 +152,9 @@ def _validate(corpus: Sequence[str | Path], skip_invalid_utf8: bool) -> ReadStat
     for _ in read_corpus([Path(p) for p in corpus], stats, skip_invalid_utf8):
         pass
     if stats.documents == 0:
-        raise CorpusError(Path(str(corpus[0])), f"no non-empty documents ({stats.skipped_empty} empty skipped)")
+        raise CorpusError(
+            Path(str(corpus[0])), f"no non-empty documents ({stats.skipped_empty} empty skipped)"
+        )
     return stats
 
 
@@ -187,9 +197,15 @@ def _embed_corpus(
             pending.clear()
 
         documents = read_corpus([Path(p) for p in corpus], ReadStats(), skip_invalid_utf8)
-        for document in tqdm(documents, total=total_documents, unit="doc", desc="embedding", disable=not progress):
-            for chunk, text in enumerate(split_text(document.text, tokenizer, manifest.splitter.chunk_tokens)):
-                pending.append(StoredSequence(next_id, document.id, chunk, text, document.source, document.metadata))
+        for document in tqdm(
+            documents, total=total_documents, unit="doc", desc="embedding", disable=not progress
+        ):
+            for chunk, text in enumerate(
+                split_text(document.text, tokenizer, manifest.splitter.chunk_tokens)
+            ):
+                pending.append(
+                    StoredSequence(next_id, document.id, chunk, text, document.source, document.metadata)
+                )
                 next_id += 1
                 if len(pending) >= EMBED_BLOCK:
                     flush()
@@ -199,7 +215,12 @@ def _embed_corpus(
 
 
 def _add_to_index(index, vectors: np.ndarray, start: int, progress: bool) -> None:
-    for offset in tqdm(range(start, len(vectors), INDEX_BLOCK), unit="block", desc="indexing", disable=not progress or len(vectors) - start <= INDEX_BLOCK):
+    for offset in tqdm(
+        range(start, len(vectors), INDEX_BLOCK),
+        unit="block",
+        desc="indexing",
+        disable=not progress or len(vectors) - start <= INDEX_BLOCK,
+    ):
         index.add(np.ascontiguousarray(vectors[offset : offset + INDEX_BLOCK], dtype=np.float32))
 
 

@@ -52,7 +52,10 @@ class DocStoreWriter:
     def add(self, rows: Iterable[StoredSequence]) -> None:
         self.connection.executemany(
             "INSERT INTO sequences (id, doc_id, chunk, text, source, metadata) VALUES (?, ?, ?, ?, ?, ?)",
-            ((r.id, r.doc_id, r.chunk, r.text, r.source, json.dumps(r.metadata, ensure_ascii=False)) for r in rows),
+            (
+                (r.id, r.doc_id, r.chunk, r.text, r.source, json.dumps(r.metadata, ensure_ascii=False))
+                for r in rows
+            ),
         )
 
     def commit(self) -> None:

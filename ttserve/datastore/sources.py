@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst")
+# Plain text, markup and source code: the Pile, which the paper retrieves from, is mostly code.
+TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst", ".py")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 
@@ -41,7 +42,9 @@ class ReadStats:
     skipped_invalid_utf8: int = 0
 
 
-def read_corpus(paths: Iterable[Path], stats: ReadStats | None = None, skip_invalid_utf8: bool = False) -> Iterator[Document]:
+def read_corpus(
+    paths: Iterable[Path], stats: ReadStats | None = None, skip_invalid_utf8: bool = False
+) -> Iterator[Document]:
     """Documents from every path in order: a file by its suffix, a directory by its text files."""
     stats = stats if stats is not None else ReadStats()
     for path in map(Path, paths):
@@ -57,7 +60,8 @@ def read_corpus(paths: Iterable[Path], stats: ReadStats | None = None, skip_inva
             documents = _read_text_files([path], path.parent, stats, skip_invalid_utf8)
         else:
             raise CorpusError(
-                path, f"unsupported file type {path.suffix!r}: use JSONL, Parquet, text/markdown files or a directory"
+                path,
+                f"unsupported file type {path.suffix!r}: use JSONL, Parquet, text/markdown files or a directory",
             )
         for document in documents:
             if document.text.strip():
@@ -67,7 +71,9 @@ def read_corpus(paths: Iterable[Path], stats: ReadStats | None = None, skip_inva
                 stats.skipped_empty += 1
 
 
-def _record_to_document(record: Any, path: Path, default_id: str, line: int | None = None, row: int | None = None) -> Document:
+def _record_to_document(
+    record: Any, path: Path, default_id: str, line: int | None = None, row: int | None = None
+) -> Document:
     """A JSON object (a JSONL line or a Parquet row) as a Document: `text` required, `id` optional, the rest metadata."""
 
     def error(message: str) -> CorpusError:
@@ -82,7 +88,9 @@ def _record_to_document(record: Any, path: Path, default_id: str, line: int | No
         raise error(f"field 'text' must be a string, got {type(text).__name__}")
     doc_id = record.get("id")
     metadata = {k: v for k, v in record.items() if k not in ("text", "id")}
-    return Document(id=default_id if doc_id is None else str(doc_id), text=text, source=str(path), metadata=metadata)
+    return Document(
+        id=default_id if doc_id is None else str(doc_id), text=text, source=str(path), metadata=metadata
+    )
 
 
 def _read_jsonl(path: Path, stats: ReadStats, skip_invalid_utf8: bool) -> Iterator[Document]:
@@ -94,13 +102,17 @@ def _read_jsonl(path: Path, stats: ReadStats, skip_invalid_utf8: bool) -> Iterat
                 if skip_invalid_utf8:
                     stats.skipped_invalid_utf8 += 1
                     continue
-                raise CorpusError(path, f"invalid UTF-8 at byte {error.start} of the line", line_number) from None
+                raise CorpusError(
+                    path, f"invalid UTF-8 at byte {error.start} of the line", line_number
+                ) from None
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise CorpusError(path, f"malformed JSON: {error.msg} (column {error.colno})", line_number) from None
+                raise CorpusError(
+                    path, f"malformed JSON: {error.msg} (column {error.colno})", line_number
+                ) from None
             yield _record_to_document(record, path, f"{path.name}:{line_number}", line=line_number)
 
 
@@ -111,7 +123,9 @@ def _read_text_dir(root: Path, stats: ReadStats, skip_invalid_utf8: bool) -> Ite
     yield from _read_text_files(files, root, stats, skip_invalid_utf8)
 
 
-def _read_text_files(files: list[Path], root: Path, stats: ReadStats, skip_invalid_utf8: bool) -> Iterator[Document]:
+def _read_text_files(
+    files: list[Path], root: Path, stats: ReadStats, skip_invalid_utf8: bool
+) -> Iterator[Document]:
     for file in files:
         raw = file.read_bytes()
         try:
@@ -133,7 +147,9 @@ def _read_parquet(path: Path) -> Iterator[Document]:
     except Exception as error:  # pyarrow raises several types for unreadable files
         raise CorpusError(path, f"not a readable Parquet file: {error}") from None
     if "text" not in parquet.schema_arrow.names:
-        raise CorpusError(path, f"missing required column 'text' (columns: {', '.join(parquet.schema_arrow.names)})")
+        raise CorpusError(
+            path, f"missing required column 'text' (columns: {', '.join(parquet.schema_arrow.names)})"
+        )
     row = 0
     for batch in parquet.iter_batches(batch_size=4096):
         for record in batch.to_pylist():

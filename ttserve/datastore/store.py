@@ -25,7 +25,12 @@ class EmbedderMismatchError(ValueError):
 
 
 class Datastore:
-    def __init__(self, path: str | Path, config: DatastoreConfig | None = None, embedder: EmbedderConfig | str | None = None):
+    def __init__(
+        self,
+        path: str | Path,
+        config: DatastoreConfig | None = None,
+        embedder: EmbedderConfig | str | None = None,
+    ):
         """Open the datastore at `path`; `embedder` (config or model name) is checked against the manifest."""
         self.path = Path(path)
         self.config = config or DatastoreConfig(path=self.path)

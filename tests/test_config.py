@@ -1,0 +1,59 @@
+"""Settings: defaults < YAML < environment < explicit overrides; typos are errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from ttserve.config import Settings, load_settings
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_defaults_match_the_spec():
+    settings = Settings()
+    assert settings.retrieval.strategy == "sift" and settings.retrieval.lam == 0.01
+    assert (settings.retrieval.k, settings.retrieval.n) == (200, 50)
+    assert settings.datastore.index_type == "flat"
+
+
+def test_shipped_default_config_loads():
+    assert load_settings(CONFIGS / "default.yaml").retrieval == Settings().retrieval
+
+
+def test_precedence(tmp_path, monkeypatch):
+    config = tmp_path / "c.yaml"
+    config.write_text("retrieval:\n  lam: 0.5\n  k: 64\ndatastore:\n  index_type: hnsw\n")
+    settings = load_settings(config)
+    assert (settings.retrieval.lam, settings.retrieval.k, settings.datastore.index_type) == (0.5, 64, "hnsw")
+    assert settings.retrieval.n == 50  # untouched keys keep their defaults
+
+    monkeypatch.setenv("TTSERVE_RETRIEVAL__LAM", "0.2")
+    settings = load_settings(config)
+    assert (settings.retrieval.lam, settings.retrieval.k) == (0.2, 64)  # environment beats YAML
+
+    settings = load_settings(config, retrieval={"k": 10})
+    assert (settings.retrieval.lam, settings.retrieval.k) == (0.2, 10)  # explicit beats both, per field
+
+
+@pytest.mark.parametrize(
+    "yaml_text",
+    [
+        "retrieval:\n  lamda: 0.5\n",
+        "retreival:\n  lam: 0.5\n",
+        "retrieval:\n  lam: -1\n",
+        "datastore:\n  index_type: lsh\n",
+    ],
+)
+def test_bad_config_is_an_error(tmp_path, yaml_text):
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml_text)
+    with pytest.raises(ValidationError):
+        load_settings(config)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config file not found"):
+        load_settings(tmp_path / "nope.yaml")
