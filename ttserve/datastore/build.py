@@ -78,26 +78,20 @@ def build_datastore(
         ),
         sources=[str(p) for p in corpus],
     )
-    with _staged(out, replace=overwrite) as staging:
-        writer = DocStoreWriter(staging / DOCSTORE_FILE)
-        try:
-            (staging / EMBEDDINGS_FILE).touch()
-            added = _embed_corpus(
-                corpus, stats.documents, manifest, embedder, writer, staging, skip_invalid_utf8, progress
-            )
-            manifest.counts.documents, manifest.counts.sequences = stats.documents, added
-            vectors = open_embeddings(staging, manifest)
-            index = faiss_index.new_index(config.index_type, embedder.dimension, added, config)
-            faiss_index.train_if_needed(index, vectors)
-            _add_to_index(index, vectors, 0, progress)
-            manifest.index.hnsw_m = config.hnsw_m if config.index_type == "hnsw" else None
-            manifest.index.ivf_nlist = faiss_index.ivf_nlist(index)
-            faiss_index.write_index(index, staging / INDEX_FILE)
-            manifest.write(staging)
-            writer.commit()
-        except BaseException:
-            writer.rollback()
-            raise
+    with _writing(out, replace=overwrite) as (staging, writer):
+        (staging / EMBEDDINGS_FILE).touch()
+        added = _embed_corpus(
+            corpus, stats.documents, manifest, embedder, writer, staging, skip_invalid_utf8, progress
+        )
+        manifest.counts.documents, manifest.counts.sequences = stats.documents, added
+        vectors = open_embeddings(staging, manifest)
+        index = faiss_index.new_index(config.index_type, embedder.dimension, added, config)
+        faiss_index.train_if_needed(index, vectors)
+        _add_to_index(index, vectors, 0, progress)
+        manifest.index.hnsw_m = config.hnsw_m if config.index_type == "hnsw" else None
+        manifest.index.ivf_nlist = faiss_index.ivf_nlist(index)
+        faiss_index.write_index(index, staging / INDEX_FILE)
+        manifest.write(staging)
     return manifest
 
 
@@ -120,27 +114,21 @@ def add_to_datastore(
     stats = _validate(corpus, skip_invalid_utf8)
     embedder = embedder or Embedder(settings.embedder)
     _check_embedder(embedder, manifest.embedder.model)
-    with _staged(path, replace=True, copy_from=path) as staging:
-        writer = DocStoreWriter(staging / DOCSTORE_FILE)
-        try:
-            before = manifest.counts.sequences
-            added = _embed_corpus(
-                corpus, stats.documents, manifest, embedder, writer, staging, skip_invalid_utf8, progress
-            )
-            manifest.counts.documents += stats.documents
-            manifest.counts.sequences += added
-            manifest.counts.skipped_empty += stats.skipped_empty
-            manifest.counts.skipped_invalid_utf8 += stats.skipped_invalid_utf8
-            manifest.sources += [str(p) for p in corpus]
-            manifest.updated_at = datetime.now(UTC).isoformat(timespec="seconds")
-            index = faiss_index.read_index(staging / INDEX_FILE)
-            _add_to_index(index, open_embeddings(staging, manifest), before, progress)
-            faiss_index.write_index(index, staging / INDEX_FILE)
-            manifest.write(staging)
-            writer.commit()
-        except BaseException:
-            writer.rollback()
-            raise
+    with _writing(path, replace=True, copy_from=path) as (staging, writer):
+        before = manifest.counts.sequences
+        added = _embed_corpus(
+            corpus, stats.documents, manifest, embedder, writer, staging, skip_invalid_utf8, progress
+        )
+        manifest.counts.documents += stats.documents
+        manifest.counts.sequences += added
+        manifest.counts.skipped_empty += stats.skipped_empty
+        manifest.counts.skipped_invalid_utf8 += stats.skipped_invalid_utf8
+        manifest.sources += [str(p) for p in corpus]
+        manifest.updated_at = datetime.now(UTC).isoformat(timespec="seconds")
+        index = faiss_index.read_index(staging / INDEX_FILE)
+        _add_to_index(index, open_embeddings(staging, manifest), before, progress)
+        faiss_index.write_index(index, staging / INDEX_FILE)
+        manifest.write(staging)
     return manifest
 
 
@@ -222,6 +210,21 @@ def _add_to_index(index, vectors: np.ndarray, start: int, progress: bool) -> Non
         disable=not progress or len(vectors) - start <= INDEX_BLOCK,
     ):
         index.add(np.ascontiguousarray(vectors[offset : offset + INDEX_BLOCK], dtype=np.float32))
+
+
+@contextmanager
+def _writing(
+    target: Path, replace: bool, copy_from: Path | None = None
+) -> Iterator[tuple[Path, DocStoreWriter]]:
+    """A staging directory and an open document-store transaction; both become `target` only on success."""
+    with _staged(target, replace, copy_from) as staging:
+        writer = DocStoreWriter(staging / DOCSTORE_FILE)
+        try:
+            yield staging, writer
+        except BaseException:
+            writer.rollback()
+            raise
+        writer.commit()
 
 
 @contextmanager

@@ -96,16 +96,8 @@ def _record_to_document(
 def _read_jsonl(path: Path, stats: ReadStats, skip_invalid_utf8: bool) -> Iterator[Document]:
     with path.open("rb") as handle:
         for line_number, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                if skip_invalid_utf8:
-                    stats.skipped_invalid_utf8 += 1
-                    continue
-                raise CorpusError(
-                    path, f"invalid UTF-8 at byte {error.start} of the line", line_number
-                ) from None
-            if not line.strip():
+            line = _decode(raw, path, stats, skip_invalid_utf8, line_number)
+            if line is None or not line.strip():
                 continue
             try:
                 record = json.loads(line)
@@ -114,6 +106,21 @@ def _read_jsonl(path: Path, stats: ReadStats, skip_invalid_utf8: bool) -> Iterat
                     path, f"malformed JSON: {error.msg} (column {error.colno})", line_number
                 ) from None
             yield _record_to_document(record, path, f"{path.name}:{line_number}", line=line_number)
+
+
+def _decode(raw: bytes, path: Path, stats: ReadStats, skip: bool, line: int | None = None) -> str | None:
+    """UTF-8 text, or None for a record to skip (counted) when `skip`; otherwise an error with its location."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        if skip:
+            stats.skipped_invalid_utf8 += 1
+            return None
+        if line is not None:  # one JSONL line: the offset is within the line
+            raise CorpusError(path, f"invalid UTF-8 at byte {error.start} of the line", line) from None
+        raise CorpusError(
+            path, f"invalid UTF-8 at byte {error.start}", raw[: error.start].count(b"\n") + 1
+        ) from None
 
 
 def _read_text_dir(root: Path, stats: ReadStats, skip_invalid_utf8: bool) -> Iterator[Document]:
@@ -127,16 +134,9 @@ def _read_text_files(
     files: list[Path], root: Path, stats: ReadStats, skip_invalid_utf8: bool
 ) -> Iterator[Document]:
     for file in files:
-        raw = file.read_bytes()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as error:
-            if skip_invalid_utf8:
-                stats.skipped_invalid_utf8 += 1
-                continue
-            line = raw[: error.start].count(b"\n") + 1
-            raise CorpusError(file, f"invalid UTF-8 at byte {error.start}", line) from None
-        yield Document(id=file.relative_to(root).as_posix(), text=text, source=str(file))
+        text = _decode(file.read_bytes(), file, stats, skip_invalid_utf8)
+        if text is not None:
+            yield Document(id=file.relative_to(root).as_posix(), text=text, source=str(file))
 
 
 def _read_parquet(path: Path) -> Iterator[Document]:
