@@ -10,6 +10,7 @@ index.
 
 from __future__ import annotations
 
+import mmap
 from pathlib import Path
 
 import numpy as np
@@ -76,4 +77,10 @@ def open_embeddings(path: Path, manifest: Manifest, mode: str = "r") -> np.memma
         raise ValueError(f"{file} has {file.stat().st_size} bytes, the manifest implies {expected}")
     if shape[0] == 0:
         return np.zeros(shape, dtype=manifest.embedding_dtype)  # np.memmap cannot map an empty file
-    return np.memmap(file, dtype=manifest.embedding_dtype, mode=mode, shape=shape)
+    vectors = np.memmap(file, dtype=manifest.embedding_dtype, mode=mode, shape=shape)
+    # Retrieval reads K scattered rows per query. The kernel's default read-ahead (several MB per fault)
+    # turned 200 cold row reads into ~1 s of I/O in docs/datastore-scaling.md §6; random access is honest.
+    mapping = getattr(vectors, "_mmap", None)  # numpy keeps the mmap object here; absent on exotic platforms
+    if mapping is not None and hasattr(mmap, "MADV_RANDOM"):
+        mapping.madvise(mmap.MADV_RANDOM)
+    return vectors
