@@ -36,5 +36,17 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ttserve tests benchmarks
 
+# Benchmarks: the reference library (activeft) lives in its own venv, never in ttserve's.
+BENCH_VENV := .venv-bench
+$(BENCH_VENV)/.installed: pyproject.toml benchmarks/requirements.txt $(CONSTRAINTS)
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install --quiet -c $(CONSTRAINTS) -e ".[cpu]" -r benchmarks/requirements.txt
+	@touch $@
+
+bench: $(STAMP) $(BENCH_VENV)/.installed
+	$(BENCH_VENV)/bin/python benchmarks/bench_selection.py
+	$(PY) benchmarks/bench_retrieval.py
+
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache build *.egg-info
