@@ -15,6 +15,8 @@ app = typer.Typer(
 )
 index_app = typer.Typer(no_args_is_help=True, help="Build, extend and inspect datastores.")
 app.add_typer(index_app, name="index")
+model_app = typer.Typer(no_args_is_help=True, help="The embedded default model.")
+app.add_typer(model_app, name="model")
 
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file (see configs/)")]
 CorpusOption = Annotated[
@@ -226,6 +228,136 @@ def _print_retrieval(result) -> None:
         )
     timings = ", ".join(f"{name} {ms:.1f}" for name, ms in result.timings_ms.items())
     typer.echo(f"timings (ms): {timings}")
+
+
+@model_app.command("build")
+def model_build(
+    out: Annotated[Path | None, typer.Option(help="model directory (default: ttserve's cache)")] = None,
+    quick: Annotated[bool, typer.Option(help="the small, fast preset the tests use")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Train the embedded default causal LM and its tokenizer from the Python standard library (offline)."""
+    _quiet_libraries()
+    from ttserve.models import TinyModelConfig, ensure_tiny_model, read_model_info
+
+    config = TinyModelConfig.quick() if quick else TinyModelConfig()
+    path = ensure_tiny_model(out, config, progress=not quiet)
+    stats = read_model_info(path).get("training", {})
+    typer.echo(
+        f"model {path}: " + ", ".join(f"{k} {v}" for k, v in stats.items() if not isinstance(v, (list, dict)))
+    )
+
+
+@app.command("eval")
+def eval_command(
+    data: Annotated[Path | None, typer.Option(help="JSONL test set (a `text` field per line)")] = None,
+    sample_datastore: Annotated[
+        int | None,
+        typer.Option(help="instead of --data: this many sequences drawn from the datastore itself"),
+    ] = None,
+    datastore: Annotated[
+        Path | None, typer.Option(help="datastore directory (default: the configured one)")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="directory for results.json, results.csv and bpb.png")] = Path(
+        "results/eval"
+    ),
+    steps: Annotated[str, typer.Option(help="comma-separated training step counts")] = "8,16,32",
+    strategies: Annotated[str, typer.Option(help="comma-separated: knn, sift")] = "knn,sift",
+    limit: Annotated[int | None, typer.Option(help="evaluate only the first N documents")] = None,
+    split: Annotated[
+        bool, typer.Option(help="first half retrieves and trains, second half is scored")
+    ] = False,
+    learning_rate: Annotated[float | None, typer.Option(help="override training.learning_rate")] = None,
+    calibration: Annotated[Path | None, typer.Option(help="gain model for the adaptive policy")] = None,
+    seed: Annotated[int, typer.Option(help="seed for --sample-datastore")] = 0,
+    config: ConfigOption = None,
+) -> None:
+    """Bits per byte of the base model and after test-time training (knn vs sift, several step counts)."""
+    _quiet_libraries()
+    import numpy as np
+
+    from ttserve.datastore import CorpusError, Document, read_corpus
+    from ttserve.evaluation import evaluate
+    from ttserve.lm import load_model
+    from ttserve.retrieval import Retriever
+    from ttserve.training import TestTimeTrainer
+
+    if (data is None) == (sample_datastore is None):
+        raise _fail("give exactly one of --data FILE or --sample-datastore N")
+    try:
+        step_counts = [int(n) for n in steps.split(",") if n.strip()]
+    except ValueError:
+        raise _fail(f"--steps must be comma-separated integers, got {steps!r}") from None
+    chosen = [s.strip() for s in strategies.split(",") if s.strip()]
+    if not chosen or set(chosen) - {"knn", "sift"}:
+        raise _fail(f"--strategies must name knn and/or sift, got {strategies!r}")
+    settings = _settings(config)
+    if learning_rate is not None:
+        settings = settings.model_copy(
+            update={"training": settings.training.model_copy(update={"learning_rate": learning_rate})}
+        )
+    retriever = Retriever.from_settings(settings, datastore)
+    if data is not None:
+        try:
+            documents = list(read_corpus([data]))
+        except CorpusError as error:
+            raise _fail(str(error)) from None
+    else:
+        store = retriever.datastore
+        rows = np.random.default_rng(seed).choice(
+            len(store), size=min(sample_datastore, len(store)), replace=False
+        )
+        documents = [
+            Document(id=f"{s.doc_id}#{s.chunk}", text=s.text, source=s.source)
+            for s in store.sequences(sorted(rows))
+        ]
+    documents = documents[:limit] if limit else documents
+    trainer = TestTimeTrainer(load_model(settings.model), settings.training)
+    report = evaluate(
+        documents,
+        retriever,
+        trainer,
+        steps=step_counts,
+        strategies=chosen,
+        split=split,
+        policy=settings.policy,
+        gain_model=_gain_model(settings, calibration),
+    )
+    report.write(out, trainer.base_name)
+    typer.echo(json.dumps(report.summary(), indent=2))
+    typer.echo(f"wrote {out}/results.json, results.csv, bpb.png")
+
+
+@app.command()
+def calibrate(
+    results: Annotated[Path, typer.Argument(help="results.json written by `ttserve eval`")],
+    out: Annotated[Path, typer.Option(help="gain-model JSON to write (point policy.calibration at it)")],
+) -> None:
+    """Fit the gain model (predicted BPB gain from SIFT's uncertainty reduction) to an evaluation run."""
+    from ttserve.evaluation import load_report
+    from ttserve.policy import GainModel
+
+    try:
+        report = load_report(results)
+        reductions, gains = report.calibration_points()
+        model = GainModel.fit(
+            reductions, gains, model=report.config.get("model", ""), corpus=report.config.get("datastore", "")
+        )
+    except (FileNotFoundError, ValueError, KeyError) as error:
+        raise _fail(str(error)) from None
+    model.save(out)
+    typer.echo(
+        f"gain = {model.slope:.4g} * reduction^{model.power:.3f}  (r2 in log space {model.r2:.3f}, {model.points} points) -> {out}"
+    )
+
+
+def _gain_model(settings, override: Path | None):
+    from ttserve.policy import GainModel, default_gain_model
+
+    path = override or settings.policy.calibration
+    if path is not None:
+        return GainModel.load(path)
+    return default_gain_model(settings.model.name_or_path)
 
 
 def _retrieval_json(result) -> dict:

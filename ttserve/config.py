@@ -72,12 +72,52 @@ class RetrievalConfig(_Section):
     max_query_chunks: PositiveInt = 8  # long prompts: at most this many target embeddings
 
 
+class ModelConfig(_Section):
+    """The served causal LM. None: the embedded default, a small model ttserve trains from the Python
+    standard library on first use (ttserve/models/tiny.py), so everything works offline."""
+
+    name_or_path: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    device: str | None = None  # None: CUDA when available
+
+
+class TrainingConfig(_Section):
+    """Test-time fine-tuning (spec §4): one step per selected sequence, batch size 1, fresh LoRA each time."""
+
+    learning_rate: float = Field(5e-5, gt=0)
+    adam_eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    max_length: PositiveInt = 1024  # tokens per step; a longer sequence becomes consecutive chunks
+    lora_rank: PositiveInt = 16
+    lora_alpha: float = Field(32.0, gt=0)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    # None: a per-architecture default (attention and MLP projections), see ttserve/training/lora.py.
+    target_modules: list[str] | None = None
+    seed: int = 0
+
+
+class PolicyConfig(_Section):
+    """When to train, and how much (spec §3)."""
+
+    mode: Literal["auto", "always", "off"] = "auto"
+    # Adaptive-SIFT stopping constant: picks beyond the first n with alpha·n·σ_n > 1 are never trained on.
+    alpha: float | None = Field(None, gt=0)
+    min_gain_bpb: float = Field(0.005, ge=0, description="train only when the predicted gain reaches this")
+    # auto takes the fewest steps whose predicted gain reaches this fraction of the gain at the budget.
+    gain_fraction: float = Field(0.9, gt=0, le=1)
+    calibration: Path | None = Field(None, description="gain-model JSON from `ttserve calibrate`")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TTSERVE_", env_nested_delimiter="__", extra="forbid")
 
     embedder: EmbedderConfig = EmbedderConfig()
     datastore: DatastoreConfig = DatastoreConfig()
     retrieval: RetrievalConfig = RetrievalConfig()
+    model: ModelConfig = ModelConfig()
+    training: TrainingConfig = TrainingConfig()
+    policy: PolicyConfig = PolicyConfig()
 
     @classmethod
     def settings_customise_sources(

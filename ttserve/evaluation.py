@@ -1,0 +1,335 @@
+"""The paper's evaluation protocol (spec §4-§6): bits per byte before and after test-time training.
+
+For every test document:
+1. retrieve with its own text (or, in the split protocol, its first half) from the datastore;
+2. score its bits per byte under the base model;
+3. for each strategy (knn, sift), train one fresh adapter on the picks in order and score the document
+   after 8, 16, 32 ... steps. The checkpoints come from a single run, since the first 8 steps of a
+   32-step run are exactly an 8-step run;
+4. for SIFT, also score after the number of steps the adaptive policy chooses for a budget equal to
+   the largest step count.
+
+A test document never retrieves itself: every datastore sequence belonging to a document whose full
+text equals the test text is excluded from its candidates. Near-duplicates (boilerplate, licence
+headers, forked files) stay. The Pile is full of them, the paper's protocol keeps them, and they are
+exactly the redundancy SIFT is meant to handle. `near_duplicate_share` in the results reports how many
+picks are near-copies of the test text.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from difflib import SequenceMatcher
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ttserve.config import PolicyConfig
+from ttserve.datastore import Datastore, Document
+from ttserve.policy import GainModel, plan
+from ttserve.retrieval import Retriever
+from ttserve.scoring import TextScore, score_text
+from ttserve.training import TestTimeTrainer
+
+NEAR_DUPLICATE_RATIO = 0.9  # difflib similarity above which a pick counts as a near-copy of the test text
+
+
+@dataclass
+class Checkpoint:
+    budget: int  # training steps asked for
+    steps: int  # training steps actually taken (fewer when the picks run out)
+    loglik: float
+    reduction: float  # σ_0² − σ_n² of the picks trained on
+
+
+@dataclass
+class DocumentResult:
+    id: str
+    bytes: int
+    tokens: int
+    excluded: int  # datastore sequences excluded as exact copies of this document
+    base_loglik: float
+    runs: dict[str, list[Checkpoint]] = field(default_factory=dict)
+    adaptive: Checkpoint | None = None
+    adaptive_reason: str = ""
+    near_duplicates: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class EvalReport:
+    config: dict
+    documents: list[DocumentResult]
+
+    def bpb(self, strategy: str | None = None, steps: int | None = None) -> float:
+        """Byte-weighted BPB: of the base model (no strategy), a strategy at a step count, or 'adaptive'."""
+        total_bytes = sum(d.bytes for d in self.documents)
+        if strategy is None:
+            loglik = sum(d.base_loglik for d in self.documents)
+        elif strategy == "adaptive":
+            loglik = sum(d.adaptive.loglik if d.adaptive else d.base_loglik for d in self.documents)
+        else:
+            loglik = sum(_at(d.runs[strategy], steps).loglik for d in self.documents)
+        return -loglik / (math.log(2) * total_bytes)
+
+    def summary(self) -> dict:
+        steps = self.config["steps"]
+        table = {"base": self.bpb()}
+        for strategy in self.config["strategies"]:
+            table[strategy] = {str(n): self.bpb(strategy, n) for n in steps}
+        summary: dict = {
+            "documents": len(self.documents),
+            "bytes": sum(d.bytes for d in self.documents),
+            "bpb": table,
+        }
+        if "sift" in self.config["strategies"]:
+            full_gain = table["base"] - table["sift"][str(max(steps))]
+            adaptive_gain = table["base"] - self.bpb("adaptive")
+            adaptive_steps = sum(d.adaptive.steps if d.adaptive else 0 for d in self.documents)
+            full_steps = sum(_at(d.runs["sift"], max(steps)).steps for d in self.documents)
+            summary["adaptive"] = {
+                "bpb": self.bpb("adaptive"),
+                "gain_fraction_of_full": adaptive_gain / full_gain if full_gain else float("nan"),
+                "steps": adaptive_steps,
+                "full_steps": full_steps,
+                "compute_saved": 1 - adaptive_steps / full_steps if full_steps else float("nan"),
+                "trained_documents": sum(1 for d in self.documents if d.adaptive and d.adaptive.steps),
+            }
+        reductions, gains = self.calibration_points()
+        if len(reductions) > 2:
+            summary["correlation"] = {
+                "pearson": float(np.corrcoef(reductions, gains)[0, 1]),
+                "spearman": float(_spearman(reductions, gains)),
+                "points": len(reductions),
+            }
+        return summary
+
+    def calibration_points(
+        self, strategies: Sequence[str] = ("sift", "knn")
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(uncertainty reduction, realised BPB gain) for every document, strategy and checkpoint."""
+        reductions, gains = [], []
+        for d in self.documents:
+            base_bpb = -d.base_loglik / (math.log(2) * d.bytes)
+            for strategy in strategies:
+                for c in d.runs.get(strategy, []):
+                    reductions.append(c.reduction)
+                    gains.append(base_bpb - (-c.loglik / (math.log(2) * d.bytes)))
+        return np.asarray(reductions), np.asarray(gains)
+
+    def write(self, out: Path, model_name: str = "") -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "config": self.config,
+            "summary": self.summary(),
+            "documents": [asdict(d) for d in self.documents],
+        }
+        (out / "results.json").write_text(json.dumps(payload, indent=2) + "\n")
+        with open(out / "results.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["doc_id", "bytes", "strategy", "steps", "bpb", "uncertainty_reduction"])
+            for d in self.documents:
+                writer.writerow([d.id, d.bytes, "base", 0, -d.base_loglik / (math.log(2) * d.bytes), 0.0])
+                for strategy, checkpoints in d.runs.items():
+                    for c in checkpoints:
+                        writer.writerow(
+                            [
+                                d.id,
+                                d.bytes,
+                                strategy,
+                                c.steps,
+                                -c.loglik / (math.log(2) * d.bytes),
+                                c.reduction,
+                            ]
+                        )
+                if d.adaptive is not None:
+                    a = d.adaptive
+                    writer.writerow(
+                        [d.id, d.bytes, "adaptive", a.steps, -a.loglik / (math.log(2) * d.bytes), a.reduction]
+                    )
+        self.plot(out / "bpb.png", model_name)
+
+    def plot(self, path: Path, model_name: str = "") -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        steps = self.config["steps"]
+        figure, axes = plt.subplots(figsize=(6, 4))
+        axes.axhline(self.bpb(), color="gray", linestyle="--", label="base model")
+        for strategy in self.config["strategies"]:
+            axes.plot(
+                [0, *steps], [self.bpb(), *(self.bpb(strategy, n) for n in steps)], marker="o", label=strategy
+            )
+        if "sift" in self.config["strategies"]:
+            mean_steps = np.mean([d.adaptive.steps if d.adaptive else 0 for d in self.documents])
+            axes.scatter(
+                [mean_steps],
+                [self.bpb("adaptive")],
+                marker="*",
+                s=150,
+                color="black",
+                zorder=3,
+                label="adaptive SIFT (mean steps)",
+            )
+        axes.set_xlabel("test-time training steps")
+        axes.set_ylabel("bits per byte (lower is better)")
+        axes.set_title(f"{len(self.documents)} documents" + (f", {model_name}" if model_name else ""))
+        axes.legend()
+        figure.tight_layout()
+        figure.savefig(path, dpi=120)
+        plt.close(figure)
+
+
+def evaluate(
+    documents: Sequence[Document],
+    retriever: Retriever,
+    trainer: TestTimeTrainer,
+    steps: Sequence[int] = (8, 16, 32),
+    strategies: Sequence[str] = ("knn", "sift"),
+    split: bool = False,
+    policy: PolicyConfig | None = None,
+    gain_model: GainModel | None = None,
+    progress: bool = True,
+) -> EvalReport:
+    steps = sorted({int(n) for n in steps})
+    if not steps or steps[0] < 1:
+        raise ValueError("steps must be positive integers")
+    policy = policy or PolicyConfig()
+    exact = exact_copies(retriever.datastore)
+    tokenizer, max_length = trainer.tokenizer, trainer.max_length
+    results = []
+    for document in tqdm(documents, unit="doc", desc="evaluating", disable=not progress):
+        query, scored = split_halves(document.text) if split else (document.text, document.text)
+        excluded = exact.get(_digest(document.text), set())
+        with trainer.session() as session:
+            with session.model.disable_adapter():
+                base = score_text(session.model, tokenizer, scored, max_length)
+        result = DocumentResult(
+            id=document.id,
+            bytes=base.bytes,
+            tokens=base.tokens,
+            excluded=len(excluded),
+            base_loglik=base.loglik,
+        )
+        for strategy in strategies:
+            retrieval = retriever.retrieve(query, n=steps[-1], strategy=strategy, exclude_ids=excluded)
+            checkpoints = list(steps)
+            chosen = None
+            if strategy == "sift":
+                selection = _as_selection(retrieval)
+                chosen = plan(selection, steps[-1], policy, gain_model)
+                result.adaptive_reason = chosen.reason
+                checkpoints = sorted(set(checkpoints) | ({chosen.steps} if chosen.steps else set()))
+            scores = _train_and_score(trainer, retrieval, checkpoints, scored, max_length)
+            result.runs[strategy] = [scores[n] for n in steps]
+            result.near_duplicates[strategy] = sum(_near_copy(t, document.text) for t in retrieval.texts)
+            if chosen is not None:
+                result.adaptive = scores[chosen.steps] if chosen.steps else Checkpoint(0, 0, base.loglik, 0.0)
+        results.append(result)
+    config = {
+        "steps": steps,
+        "strategies": list(strategies),
+        "split": split,
+        "lam": retriever.config.lam,
+        "k": retriever.config.k,
+        "policy": policy.model_dump(mode="json"),
+        "gain_model": asdict(gain_model) if gain_model else None,
+        "learning_rate": trainer.config.learning_rate,
+        "lora_rank": trainer.config.lora_rank,
+        "model": trainer.base_name,
+        "datastore": str(retriever.datastore.path),
+    }
+    return EvalReport(config=config, documents=results)
+
+
+def _train_and_score(
+    trainer: TestTimeTrainer, retrieval, checkpoints: list[int], text: str, max_length: int
+) -> dict[int, Checkpoint]:
+    scores = {}
+    with trainer.session() as session:
+        session.train(retrieval.texts, 0)
+        for n in checkpoints:
+            session.resume(n - session.run.steps)
+            picks = min(n, len(retrieval.ids))
+            score: TextScore = score_text(session.model, trainer.tokenizer, text, max_length)
+            reduction = float(retrieval.variances[0] - retrieval.variances[picks])
+            scores[n] = Checkpoint(
+                budget=n, steps=session.run.steps, loglik=score.loglik, reduction=reduction
+            )
+    return scores
+
+
+def exact_copies(datastore: Datastore) -> dict[str, set[int]]:
+    """Digest of each stored document's full text → the ids of its sequences."""
+    chunks: dict[str, list] = defaultdict(list)
+    for sequence in datastore.sequences(range(len(datastore))):
+        chunks[sequence.doc_id].append(sequence)
+    copies: dict[str, set[int]] = defaultdict(set)
+    for parts in chunks.values():
+        # Documents sharing an id (duplicated records) are told apart by their chunk-0 boundaries.
+        current: list = []
+        for part in sorted(parts, key=lambda s: s.id):
+            if part.chunk == 0 and current:
+                copies[_digest("".join(p.text for p in current))].update(p.id for p in current)
+                current = []
+            current.append(part)
+        if current:
+            copies[_digest("".join(p.text for p in current))].update(p.id for p in current)
+    return dict(copies)
+
+
+def split_halves(text: str) -> tuple[str, str]:
+    """The split protocol: the first half retrieves and trains, the second half is scored."""
+    middle = len(text) // 2
+    cut = text.find(" ", middle)
+    cut = middle if cut == -1 or cut - middle > 200 else cut
+    return text[:cut], text[cut:]
+
+
+def _as_selection(retrieval):
+    from ttserve.selection import Selection
+
+    return Selection(np.arange(len(retrieval.ids)), retrieval.variances, retrieval.lam, retrieval.strategy)
+
+
+def _near_copy(pick: str, text: str) -> bool:
+    # A pick is a near-copy when most of it appears in the test document.
+    matcher = SequenceMatcher(None, pick, text, autojunk=False)
+    return matcher.find_longest_match(0, len(pick), 0, len(text)).size >= NEAR_DUPLICATE_RATIO * len(pick)
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _at(checkpoints: list[Checkpoint], budget: int) -> Checkpoint:
+    return next(c for c in checkpoints if c.budget == budget)
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ranks_a, ranks_b = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ranks_a, ranks_b)[0, 1])
+
+
+def load_report(path: str | Path) -> EvalReport:
+    """An EvalReport back from the results.json that `EvalReport.write` produced."""
+    payload = json.loads(Path(path).read_text())
+    documents = []
+    for d in payload["documents"]:
+        runs = {
+            strategy: [Checkpoint(**c) for c in checkpoints]
+            for strategy, checkpoints in d.pop("runs").items()
+        }
+        adaptive = d.pop("adaptive")
+        documents.append(
+            DocumentResult(**d, runs=runs, adaptive=Checkpoint(**adaptive) if adaptive else None)
+        )
+    return EvalReport(config=payload["config"], documents=documents)

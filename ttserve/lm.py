@@ -1,0 +1,49 @@
+"""Loading the served causal LM once per process: model, tokenizer and the name adapters refer to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ttserve.config import ModelConfig
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # a transformers PreTrainedModel
+    tokenizer: Any
+    name: str  # hub id or directory: what adapter_config.json's base_model_name_or_path names
+    device: torch.device
+    max_length: int  # the model's context in tokens
+
+
+def resolve_device(device: str | None) -> torch.device:
+    return torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def load_model(config: ModelConfig | None = None) -> LoadedModel:
+    """The configured model, or the embedded default (built from the stdlib the first time)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = config or ModelConfig()
+    name = config.name_or_path
+    if name is None:
+        from ttserve.models import ensure_tiny_model
+
+        name = str(ensure_tiny_model())
+    device = resolve_device(config.device)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=resolve_dtype(config.dtype, device)).to(device)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    context = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, name=name, device=device, max_length=int(min(context, 1 << 20))
+    )

@@ -1,0 +1,146 @@
+"""Deciding how much test-time training a request gets (spec §3), before any GPU work.
+
+The paper finds that SIFT's uncertainty reduction σ_0² − σ_n² predicts the realised gain of fine-tuning
+on the first n picks. `GainModel` is that relation, fitted offline (`ttserve calibrate`) as bits per byte
+gained against uncertainty reduced. A plan only ever shortens: it never exceeds the request's budget,
+never trains past the adaptive-SIFT stop, and trains not at all when the predicted gain is too small to
+pay for the compute.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from ttserve.config import PolicyConfig
+from ttserve.selection import Selection
+
+Mode = Literal["auto", "always", "off"]
+
+
+@dataclass(frozen=True)
+class GainModel:
+    """Predicted BPB gain = slope · r^power for uncertainty reduction r = σ_0² − σ_n² (0 at r = 0).
+
+    A power law through the origin: no reduction predicts no gain, and the fit can bend either way
+    (diminishing returns for power < 1). Fitted by least squares in log space on runs with positive gain.
+    """
+
+    slope: float
+    power: float = 1.0
+    model: str = ""  # the served model the calibration was measured on
+    corpus: str = ""
+    points: int = 0
+    r2: float = float("nan")
+
+    def predict(self, reduction: float | np.ndarray) -> float | np.ndarray:
+        return self.slope * np.power(np.maximum(reduction, 0.0), self.power)
+
+    @classmethod
+    def fit(cls, reductions: np.ndarray, gains: np.ndarray, model: str = "", corpus: str = "") -> GainModel:
+        reductions, gains = np.asarray(reductions, dtype=float), np.asarray(gains, dtype=float)
+        usable = (reductions > 0) & (gains > 0)
+        if usable.sum() < 2:
+            raise ValueError(
+                f"need at least two runs with positive gain and reduction to fit, got {int(usable.sum())}"
+            )
+        x, y = np.log(reductions[usable]), np.log(gains[usable])
+        power, intercept = np.polyfit(x, y, 1)
+        residual = y - (power * x + intercept)
+        r2 = 1.0 - float(residual @ residual) / float(((y - y.mean()) ** 2).sum() or 1.0)
+        return cls(
+            slope=float(np.exp(intercept)),
+            power=float(power),
+            model=model,
+            corpus=corpus,
+            points=int(usable.sum()),
+            r2=r2,
+        )
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.__dict__, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> GainModel:
+        return cls(**json.loads(Path(path).read_text()))
+
+
+# The calibration shipped for the embedded default model (fitted with `ttserve calibrate`, see BENCHMARKS.md).
+DEFAULT_CALIBRATION = Path(__file__).parent / "calibration" / "tiny-stdlib.json"
+
+
+def default_gain_model(model_name: str | None) -> GainModel | None:
+    """The shipped gain model when serving the embedded default model; None for any other model."""
+    if model_name is None and DEFAULT_CALIBRATION.is_file():
+        return GainModel.load(DEFAULT_CALIBRATION)
+    return None
+
+
+@dataclass(frozen=True)
+class Plan:
+    steps: int  # training steps to take (0: serve the base model)
+    predicted_gain: float  # predicted BPB gain of those steps
+    reason: str
+    budget: int  # the budget the plan was made for
+    available: int  # picks available after adaptive truncation
+
+
+def plan(
+    selection: Selection,
+    budget: int,
+    config: PolicyConfig | None = None,
+    gain_model: GainModel | None = None,
+    mode: Mode | None = None,
+) -> Plan:
+    """How many of `selection`'s picks to train on, within `budget` steps."""
+    config = config or PolicyConfig()
+    mode = mode or config.mode
+    if isinstance(budget, bool) or int(budget) != budget or budget < 0:
+        raise ValueError(f"budget must be a non-negative integer, got {budget!r}")
+    budget = int(budget)
+    kept = selection.stop_adaptive(config.alpha) if config.alpha is not None else selection
+    available = len(kept)
+
+    def gain(n: int) -> float:
+        if gain_model is None or n == 0:
+            return 0.0
+        return float(gain_model.predict(kept.variances[0] - kept.variances[n]))
+
+    def make(steps: int, reason: str) -> Plan:
+        return Plan(
+            steps=steps, predicted_gain=gain(steps), reason=reason, budget=budget, available=available
+        )
+
+    if mode == "off":
+        return make(0, "test-time training is off")
+    if budget == 0:
+        return make(0, "compute budget is 0")
+    if available == 0:
+        if len(selection) == 0:
+            return make(0, "no training data was selected")
+        return make(
+            0, f"adaptive SIFT stop (alpha={config.alpha:g}): the data cannot reduce the uncertainty enough"
+        )
+    most = min(budget, available)
+    if mode == "always":
+        return make(
+            most, f"mode always: spend the budget ({most} of {budget} steps, {available} picks available)"
+        )
+    if gain_model is None:
+        return make(most, f"no gain model calibrated: train on {most} picks within the budget")
+    best = gain(most)
+    if best < config.min_gain_bpb:
+        return make(
+            0,
+            f"predicted gain {best:.4f} bpb at {most} steps is below the {config.min_gain_bpb:g} bpb threshold",
+        )
+    gains = np.array([gain(n) for n in range(1, most + 1)])
+    steps = int(np.argmax(gains >= config.gain_fraction * best)) + 1
+    return make(
+        steps,
+        f"{steps} steps reach {gains[steps - 1] / best:.0%} of the predicted gain at {most} steps ({best:.4f} bpb)",
+    )
