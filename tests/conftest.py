@@ -101,3 +101,27 @@ def pile_datastore(tmp_path_factory, pile_sample, memo_embedder) -> Path:
         [pile_sample], out, Settings(datastore=DatastoreConfig(path=out)), memo_embedder, progress=False
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The embedded default model's pipeline at toy scale (about 10 s to build), once per session."""
+    from ttserve.models import TinyModelConfig, ensure_tiny_model
+
+    return ensure_tiny_model(
+        tmp_path_factory.mktemp("models") / "quick", TinyModelConfig.quick(), progress=False
+    )
+
+
+@pytest.fixture
+def make_trainer(tiny_model_dir):
+    """A TestTimeTrainer on a freshly loaded copy of the tiny model (the trainer wraps its model in place)."""
+    from ttserve.config import ModelConfig, TrainingConfig
+    from ttserve.lm import load_model
+    from ttserve.training import TestTimeTrainer
+
+    def make(**training):
+        loaded = load_model(ModelConfig(name_or_path=str(tiny_model_dir), device="cpu"))
+        return TestTimeTrainer(loaded, TrainingConfig(**{"learning_rate": 1e-3, **training}))
+
+    return make

@@ -59,7 +59,8 @@ class DocumentResult:
     runs: dict[str, list[Checkpoint]] = field(default_factory=dict)
     adaptive: Checkpoint | None = None
     adaptive_reason: str = ""
-    near_duplicates: dict[str, int] = field(default_factory=dict)
+    near_duplicates: dict[str, int] = field(default_factory=dict)  # picks that are near-copies of the text
+    picks: dict[str, list[int]] = field(default_factory=dict)  # datastore sequence ids, in selection order
 
 
 @dataclass
@@ -231,6 +232,7 @@ def evaluate(
             scores = _train_and_score(trainer, retrieval, checkpoints, scored, max_length)
             result.runs[strategy] = [scores[n] for n in steps]
             result.near_duplicates[strategy] = sum(_near_copy(t, document.text) for t in retrieval.texts)
+            result.picks[strategy] = retrieval.ids
             if chosen is not None:
                 result.adaptive = scores[chosen.steps] if chosen.steps else Checkpoint(0, 0, base.loglik, 0.0)
         results.append(result)

@@ -1,0 +1,188 @@
+"""The evaluation protocol end to end on the tiny model: exclusion, checkpoints, outputs, calibration."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from tests.conftest import write_jsonl
+from ttserve.cli import app
+from ttserve.config import DatastoreConfig, Settings
+from ttserve.datastore import Datastore, Document, build_datastore
+from ttserve.evaluation import (
+    Checkpoint,
+    DocumentResult,
+    EvalReport,
+    evaluate,
+    exact_copies,
+    load_report,
+    split_halves,
+)
+from ttserve.policy import GainModel
+from ttserve.retrieval import Retriever
+from ttserve.scoring import score_text
+
+SNIPPETS = [
+    "def load_config(path):\n    with open(path) as handle:\n        return json.load(handle)\n",
+    "def save_config(path, config):\n    with open(path, 'w') as handle:\n        json.dump(config, handle)\n",
+    "class LRUCache:\n    def __init__(self, size):\n        self.size = size\n        self.items = OrderedDict()\n",
+    "def fetch(url, timeout=10):\n    return urllib.request.urlopen(url, timeout=timeout).read()\n",
+    "for name in sorted(os.listdir(directory)):\n    print(name)\n",
+    "def retry(times):\n    def wrap(function):\n        return function\n    return wrap\n",
+]
+
+
+@pytest.fixture(scope="module")
+def code_datastore(tmp_path_factory, embedder):
+    root = tmp_path_factory.mktemp("evalstore")
+    records = [{"id": f"s{i}", "text": t} for i, t in enumerate(SNIPPETS)] + [
+        {"id": "copy", "text": SNIPPETS[0]}
+    ]
+    out = root / "ds"
+    build_datastore(
+        [write_jsonl(root / "c.jsonl", records)],
+        out,
+        Settings(datastore=DatastoreConfig(path=out)),
+        embedder,
+        progress=False,
+    )
+    return out
+
+
+def test_exact_copies_are_found_by_full_text(code_datastore):
+    copies = exact_copies(Datastore(code_datastore))
+    assert len(copies) == len(SNIPPETS)  # "copy" duplicates s0
+    assert sorted(len(ids) for ids in copies.values()) == [1] * (len(SNIPPETS) - 1) + [2]
+
+
+def test_evaluate_never_retrieves_the_document_itself(code_datastore, embedder, make_trainer):
+    retriever = Retriever(Datastore(code_datastore), embedder)
+    trainer = make_trainer()
+    documents = [
+        Document(id="t0", text=SNIPPETS[0], source="test"),
+        Document(id="t3", text=SNIPPETS[3], source="test"),
+    ]
+    report = evaluate(
+        documents, retriever, trainer, steps=(1, 3), gain_model=GainModel(slope=0.5), progress=False
+    )
+    copies = exact_copies(retriever.datastore)
+    for document, result in zip(documents, report.documents, strict=True):
+        own = copies[
+            next(
+                k
+                for k, ids in copies.items()
+                if Datastore(code_datastore).sequences(sorted(ids))[0].text == document.text
+            )
+        ]
+        assert result.excluded == len(own)
+        for strategy in ("knn", "sift"):
+            assert not own & set(result.picks[strategy])
+            assert [c.budget for c in result.runs[strategy]] == [1, 3]
+            assert all(c.steps <= c.budget for c in result.runs[strategy])
+        with trainer.session() as session, session.model.disable_adapter():
+            base = score_text(session.model, trainer.tokenizer, document.text, trainer.max_length)
+        assert result.base_loglik == pytest.approx(base.loglik, rel=1e-6)
+        assert result.adaptive is not None and result.adaptive.steps <= 3 and result.adaptive_reason
+    assert report.documents[0].excluded == 2
+    summary = report.summary()
+    assert set(summary["bpb"]) == {"base", "knn", "sift"} and math.isfinite(summary["bpb"]["sift"]["3"])
+    assert 0 <= summary["adaptive"]["steps"] <= summary["adaptive"]["full_steps"]
+
+
+def test_split_protocol(code_datastore, embedder, make_trainer):
+    first, second = split_halves(SNIPPETS[2])
+    assert first + second == SNIPPETS[2] and first and second
+    report = evaluate(
+        [Document(id="t", text=SNIPPETS[2], source="test")],
+        Retriever(Datastore(code_datastore), embedder),
+        make_trainer(),
+        steps=(2,),
+        strategies=("sift",),
+        split=True,
+        progress=False,
+    )
+    assert report.documents[0].bytes == len(second.encode())
+
+
+def synthetic_report() -> EvalReport:
+    rng = np.random.default_rng(0)
+    documents = []
+    for i in range(12):
+        base = -200.0
+        runs = {}
+        for strategy in ("knn", "sift"):
+            checkpoints = []
+            for n in (8, 16):
+                reduction = float(rng.uniform(0.05, 0.6)) * n / 16
+                gain_bits = 0.4 * reduction**0.8 * 100 * math.log(2)  # 100 bytes
+                checkpoints.append(
+                    Checkpoint(budget=n, steps=n, loglik=base + gain_bits, reduction=reduction)
+                )
+            runs[strategy] = checkpoints
+        documents.append(
+            DocumentResult(
+                id=f"d{i}",
+                bytes=100,
+                tokens=40,
+                excluded=0,
+                base_loglik=base,
+                runs=runs,
+                adaptive=runs["sift"][0],
+                adaptive_reason="r",
+            )
+        )
+    return EvalReport(
+        config={"steps": [8, 16], "strategies": ["knn", "sift"], "model": "m", "datastore": "d"},
+        documents=documents,
+    )
+
+
+def test_results_round_trip_and_calibrate(tmp_path):
+    report = synthetic_report()
+    report.write(tmp_path / "run", "m")
+    for name in ("results.json", "results.csv", "bpb.png"):
+        assert (tmp_path / "run" / name).stat().st_size > 0
+    loaded = load_report(tmp_path / "run" / "results.json")
+    assert loaded.summary()["bpb"] == report.summary()["bpb"]
+    assert loaded.summary()["adaptive"] == report.summary()["adaptive"]
+    assert len((tmp_path / "run" / "results.csv").read_text().splitlines()) == 1 + 12 * (1 + 4 + 1)
+
+    result = CliRunner().invoke(
+        app, ["calibrate", str(tmp_path / "run" / "results.json"), "--out", str(tmp_path / "gain.json")]
+    )
+    assert result.exit_code == 0, result.output
+    model = GainModel.load(tmp_path / "gain.json")
+    assert model.slope == pytest.approx(0.4, rel=1e-3) and model.power == pytest.approx(0.8, abs=1e-3)
+    assert loaded.summary()["correlation"]["spearman"] > 0.9
+
+
+def test_eval_command(code_datastore, tiny_model_dir, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"model:\n  name_or_path: {tiny_model_dir}\n  device: cpu\ndatastore:\n  path: {code_datastore}\n"
+    )
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "--sample-datastore",
+            "2",
+            "--steps",
+            "1,2",
+            "--out",
+            str(tmp_path / "out"),
+            "--config",
+            str(config),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    payload = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert payload["summary"]["documents"] == 2 and payload["config"]["steps"] == [1, 2]
+    bad = CliRunner().invoke(
+        app, ["eval", "--steps", "a,b", "--sample-datastore", "1", "--config", str(config)]
+    )
+    assert bad.exit_code == 2 and "comma-separated integers" in bad.stderr

@@ -1,0 +1,104 @@
+"""The budget policy: how many steps to train, never more than the budget, zero when not worth it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ttserve.config import PolicyConfig
+from ttserve.policy import DEFAULT_CALIBRATION, GainModel, default_gain_model, plan
+from ttserve.selection import Selection, sift
+
+
+def trajectory(variances) -> Selection:
+    variances = np.asarray(variances, dtype=float)
+    return Selection(np.arange(len(variances) - 1), variances, 0.01, "sift")
+
+
+DIMINISHING = trajectory([1.0, 0.6, 0.45, 0.38, 0.35, 0.34, 0.335, 0.333, 0.332])
+LINEAR = GainModel(slope=0.5, power=1.0)
+
+
+def test_budget_zero_and_mode_off_never_train():
+    assert plan(DIMINISHING, 0, gain_model=LINEAR).steps == 0
+    assert "budget is 0" in plan(DIMINISHING, 0, gain_model=LINEAR).reason
+    off = plan(DIMINISHING, 8, PolicyConfig(mode="off"), LINEAR)
+    assert off.steps == 0 and "off" in off.reason
+
+
+def test_always_spends_the_budget_but_not_more_than_the_picks():
+    assert plan(DIMINISHING, 5, PolicyConfig(mode="always"), LINEAR).steps == 5
+    assert plan(DIMINISHING, 100, PolicyConfig(mode="always"), LINEAR).steps == 8
+
+
+def test_auto_takes_the_fewest_steps_reaching_the_gain_fraction():
+    result = plan(DIMINISHING, 8, PolicyConfig(gain_fraction=0.9), LINEAR)
+    gains = 0.5 * (1.0 - DIMINISHING.variances[1:])
+    expected = int(np.argmax(gains >= 0.9 * gains[-1])) + 1
+    assert result.steps == expected == 3
+    assert result.predicted_gain == pytest.approx(gains[2])
+    assert plan(DIMINISHING, 8, PolicyConfig(gain_fraction=1.0), LINEAR).steps == 8
+
+
+def test_auto_skips_training_when_the_predicted_gain_is_small():
+    flat = trajectory([1.0, 0.999, 0.998, 0.998])
+    result = plan(flat, 3, PolicyConfig(min_gain_bpb=0.01), LINEAR)
+    assert result.steps == 0 and "below" in result.reason
+
+
+def test_adaptive_stop_truncates_before_planning():
+    # alpha * n * sigma_n <= 1 holds for n = 1, 2 only (sigma_3 = sqrt(0.38) ~ 0.62: 3 * 0.62 * 0.6 > 1).
+    result = plan(DIMINISHING, 8, PolicyConfig(alpha=0.6, gain_fraction=1.0), LINEAR)
+    assert result.available == 2 and result.steps == 2
+    nothing = plan(DIMINISHING, 8, PolicyConfig(alpha=5.0), LINEAR)
+    assert nothing.steps == 0 and "adaptive SIFT stop" in nothing.reason
+
+
+def test_without_a_gain_model_auto_trains_within_the_budget():
+    assert plan(DIMINISHING, 4).steps == 4
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_never_exceeds_the_budget(seed):
+    rng = np.random.default_rng(seed)
+    candidates = rng.standard_normal((40, 8))
+    candidates /= np.linalg.norm(candidates, axis=1, keepdims=True)
+    selection = sift(candidates, candidates[:2].mean(0), int(rng.integers(0, 30)))
+    budget = int(rng.integers(0, 40))
+    for mode in ("auto", "always", "off"):
+        config = PolicyConfig(mode=mode, alpha=float(rng.uniform(0.2, 3)) if seed % 2 else None)
+        result = plan(
+            selection,
+            budget,
+            config,
+            GainModel(slope=float(rng.uniform(0.01, 1)), power=float(rng.uniform(0.3, 2))),
+        )
+        assert 0 <= result.steps <= min(budget, len(selection))
+        assert result.reason
+
+
+@pytest.mark.parametrize("budget", [-1, 2.5, True, "3"])
+def test_invalid_budget(budget):
+    with pytest.raises((ValueError, TypeError)):
+        plan(DIMINISHING, budget)
+
+
+def test_gain_model_fit_recovers_a_power_law(tmp_path):
+    rng = np.random.default_rng(0)
+    reductions = rng.uniform(0.01, 0.8, 200)
+    gains = 0.3 * reductions**0.7 * np.exp(rng.normal(0, 0.05, 200))
+    model = GainModel.fit(
+        np.concatenate([reductions, [0.5, 0.0]]), np.concatenate([gains, [-0.1, 0.2]]), model="m"
+    )
+    assert model.slope == pytest.approx(0.3, rel=0.05) and model.power == pytest.approx(0.7, abs=0.03)
+    assert model.points == 200 and model.r2 > 0.9
+    model.save(tmp_path / "gain.json")
+    assert GainModel.load(tmp_path / "gain.json") == model
+    with pytest.raises(ValueError, match="at least two"):
+        GainModel.fit(np.array([0.1]), np.array([0.2]))
+
+
+def test_shipped_calibration_is_for_the_default_model_only():
+    assert default_gain_model("some/other-model") is None
+    if DEFAULT_CALIBRATION.is_file():
+        assert isinstance(default_gain_model(None), GainModel)
