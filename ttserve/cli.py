@@ -296,6 +296,10 @@ def eval_command(
         settings = settings.model_copy(
             update={"training": settings.training.model_copy(update={"learning_rate": learning_rate})}
         )
+    if datastore is None:
+        from ttserve.datastore.local_corpus import ensure_datastore
+
+        ensure_datastore(settings)
     retriever = Retriever.from_settings(settings, datastore)
     if data is not None:
         try:

@@ -9,8 +9,8 @@ For every test document:
 4. for SIFT, also score after the number of steps the adaptive policy chooses for a budget equal to
    the largest step count.
 
-A test document never retrieves itself: every datastore sequence belonging to a document whose full
-text equals the test text is excluded from its candidates. Near-duplicates (boilerplate, licence
+A test document never retrieves itself: every stored sequence whose text equals the test text, and
+every sequence of a stored document whose full text equals it, is excluded from its candidates. Near-duplicates (boilerplate, licence
 headers, forked files) stay. The Pile is full of them, the paper's protocol keeps them, and they are
 exactly the redundancy SIFT is meant to handle. `near_duplicate_share` in the results reports how many
 picks are near-copies of the test text.
@@ -270,11 +270,17 @@ def _train_and_score(
 
 
 def exact_copies(datastore: Datastore) -> dict[str, set[int]]:
-    """Digest of each stored document's full text → the ids of its sequences."""
+    """Digest of a text → the ids of the stored sequences that reproduce it exactly.
+
+    A text is covered two ways: a stored sequence equal to it (a test document that is itself one
+    stored chunk), and a stored document whose chunks concatenate to it (a test document that was split
+    on ingestion). Both must be excluded, or the "retrieved" data would contain the answer.
+    """
+    copies: dict[str, set[int]] = defaultdict(set)
     chunks: dict[str, list] = defaultdict(list)
     for sequence in datastore.sequences(range(len(datastore))):
+        copies[_digest(sequence.text)].add(sequence.id)
         chunks[sequence.doc_id].append(sequence)
-    copies: dict[str, set[int]] = defaultdict(set)
     for parts in chunks.values():
         # Documents sharing an id (duplicated records) are told apart by their chunk-0 boundaries.
         current: list = []
