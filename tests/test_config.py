@@ -14,7 +14,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 def test_defaults_match_the_spec():
     settings = Settings()
-    assert settings.retrieval.strategy == "sift" and settings.retrieval.lam == 0.01
+    assert settings.retrieval.strategy == "sift" and settings.retrieval.lam is None  # calibrated per embedder
     assert (settings.retrieval.k, settings.retrieval.n) == (200, 50)
     assert settings.datastore.index_type == "flat"
 

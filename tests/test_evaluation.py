@@ -97,14 +97,24 @@ def test_evaluate_never_retrieves_the_document_itself(code_datastore, embedder, 
 def test_a_stored_chunk_used_as_a_test_document_is_excluded(tmp_path, embedder):
     long_text = " ".join(f"def handler_{i}(request):\n    return respond(request, {i})\n" for i in range(60))
     out = tmp_path / "ds"
-    corpus = write_jsonl(tmp_path / "c.jsonl", [{"id": "long", "text": long_text}, {"id": "other", "text": SNIPPETS[1]}])
-    build_datastore([corpus], out, Settings(datastore=DatastoreConfig(path=out, chunk_tokens=64)), embedder, progress=False)
+    corpus = write_jsonl(
+        tmp_path / "c.jsonl", [{"id": "long", "text": long_text}, {"id": "other", "text": SNIPPETS[1]}]
+    )
+    build_datastore(
+        [corpus],
+        out,
+        Settings(datastore=DatastoreConfig(path=out, chunk_tokens=64)),
+        embedder,
+        progress=False,
+    )
     store = Datastore(out)
     chunk = store.sequences([3])[0]
     assert chunk.doc_id == "long" and chunk.chunk == 3
     copies = exact_copies(store)
     assert copies[_digest(chunk.text)] == {3}
-    assert copies[_digest(long_text)] == {s.id for s in store.sequences(range(len(store))) if s.doc_id == "long"}
+    assert copies[_digest(long_text)] == {
+        s.id for s in store.sequences(range(len(store))) if s.doc_id == "long"
+    }
 
 
 def test_split_protocol(code_datastore, embedder, make_trainer):

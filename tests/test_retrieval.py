@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import TOPICS, write_jsonl
 from ttserve.config import DatastoreConfig, RetrievalConfig, Settings
 from ttserve.datastore import Datastore, build_datastore
-from ttserve.retrieval import Retriever
+from ttserve.retrieval import CALIBRATED_LAMBDA, Retriever
 
 
 def make_retriever(tmp_path, records, embedder, name="ds"):
@@ -151,3 +151,13 @@ def test_concurrent_calls_match_sequential(topic_retriever):
     for (ids_a, var_a), (ids_b, var_b) in zip(sequential, concurrent, strict=True):
         assert ids_a == ids_b
         np.testing.assert_allclose(var_a, var_b, rtol=1e-5, atol=1e-6)
+
+
+def test_lambda_defaults_to_the_embedders_calibration(topic_retriever):
+    assert (
+        topic_retriever.retrieve("bread and weather", n=2).lam
+        == CALIBRATED_LAMBDA[topic_retriever.embedder.name]
+    )
+    assert topic_retriever.retrieve("bread and weather", n=2, lam=0.05).lam == 0.05
+    configured = Retriever(topic_retriever.datastore, topic_retriever.embedder, RetrievalConfig(lam=0.3))
+    assert configured.retrieve("bread and weather", n=2).lam == 0.3

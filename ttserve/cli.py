@@ -334,19 +334,21 @@ def eval_command(
 
 @app.command()
 def calibrate(
-    results: Annotated[Path, typer.Argument(help="results.json written by `ttserve eval`")],
+    results: Annotated[list[Path], typer.Argument(help="results.json files written by `ttserve eval`")],
     out: Annotated[Path, typer.Option(help="gain-model JSON to write (point policy.calibration at it)")],
 ) -> None:
-    """Fit the gain model (predicted BPB gain from SIFT's uncertainty reduction) to an evaluation run."""
+    """Fit the gain model (predicted BPB gain from SIFT's uncertainty reduction) to evaluation runs."""
+    import numpy as np
+
     from ttserve.evaluation import load_report
     from ttserve.policy import GainModel
 
     try:
-        report = load_report(results)
-        reductions, gains = report.calibration_points()
-        model = GainModel.fit(
-            reductions, gains, model=report.config.get("model", ""), corpus=report.config.get("datastore", "")
-        )
+        reports = [load_report(path) for path in results]
+        points = [report.calibration_points() for report in reports]
+        reductions, gains = np.concatenate([p[0] for p in points]), np.concatenate([p[1] for p in points])
+        corpora = ", ".join(sorted({report.config.get("datastore", "") for report in reports}))
+        model = GainModel.fit(reductions, gains, model=reports[0].config.get("model", ""), corpus=corpora)
     except (FileNotFoundError, ValueError, KeyError) as error:
         raise _fail(str(error)) from None
     model.save(out)

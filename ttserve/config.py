@@ -67,7 +67,9 @@ class RetrievalConfig(_Section):
     strategy: Literal["sift", "knn"] = "sift"
     n: PositiveInt = 50  # sequences selected per prompt (the paper's N)
     k: PositiveInt = 200  # candidates pre-selected by Faiss (K)
-    lam: float = Field(0.01, gt=0, description="SIFT's λ′: small favours diversity, large relevance")
+    # SIFT's λ′: small favours diversity, large relevance. None: the value calibrated for the configured
+    # embedder (ttserve/retrieval.py CALIBRATED_LAMBDA), else 0.01 as in activeft.
+    lam: float | None = Field(None, gt=0)
     alpha: float | None = Field(None, gt=0, description="adaptive-SIFT stopping constant; None keeps all n")
     max_query_chunks: PositiveInt = 8  # long prompts: at most this many target embeddings
 

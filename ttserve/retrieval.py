@@ -20,6 +20,15 @@ from ttserve.embedding import Embedder
 
 Strategy = Literal["sift", "knn"]
 
+# λ′ depends on how the embedder spreads similarities (spec §1: calibrate per embedding model). For
+# all-MiniLM-L6-v2, 32 SIFT steps on 30 Pile-sample documents (a tuning set) with the default model gave
+# BPB -9.9% at 0.01, -12.0% at 0.1, -16.9% at 1, -18.2% at 3, -17.8% at 10 (kNN: -11.5%); BENCHMARKS.md.
+CALIBRATED_LAMBDA = {"sentence-transformers/all-MiniLM-L6-v2": 3.0}
+
+
+def default_lambda(embedder: str) -> float:
+    return CALIBRATED_LAMBDA.get(embedder, selection.DEFAULT_LAMBDA)
+
 
 @dataclass(frozen=True)
 class Retrieval:
@@ -108,7 +117,8 @@ class Retriever:
         n = self.config.n if n is None else n
         k = self.config.k if k is None else k
         strategy = strategy or self.config.strategy
-        lam = self.config.lam if lam is None else lam
+        if lam is None:
+            lam = self.config.lam if self.config.lam is not None else default_lambda(self.embedder.name)
         alpha = self.config.alpha if alpha is None else alpha
         if strategy not in ("sift", "knn"):
             raise ValueError(f"unknown strategy {strategy!r}: use 'sift' or 'knn'")
