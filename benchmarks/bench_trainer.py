@@ -32,7 +32,13 @@ def bare_request(model, tokenizer, parameters, texts: list[str], config: Trainin
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, eps=config.adam_eps)
     model.train()
     for text in texts:
-        ids = torch.tensor([[tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]][: config.max_length]])
+        ids = torch.tensor(
+            [
+                [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]][
+                    : config.max_length
+                ]
+            ]
+        )
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
@@ -42,8 +48,12 @@ def bare_request(model, tokenizer, parameters, texts: list[str], config: Trainin
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="model directory or hub id (default: the embedded default)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", default=None, help="model directory or hub id (default: the embedded default)"
+    )
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--requests", type=int, default=10)
     args = parser.parse_args()
@@ -80,7 +90,9 @@ def main() -> None:
     trainable = sum(p.numel() for p in bare_parameters)
     total = sum(p.numel() for p in bare_model.parameters())
     tokens = sum(len(trainer.tokenizer(x, add_special_tokens=False)["input_ids"]) + 1 for x in texts)
-    print(f"model {trainer.base_name} ({total / 1e6:.2f}M parameters, {trainable / 1e3:.0f}k LoRA), {args.steps} steps, {tokens} tokens, {args.requests} requests each")
+    print(
+        f"model {trainer.base_name} ({total / 1e6:.2f}M parameters, {trainable / 1e3:.0f}k LoRA), {args.steps} steps, {tokens} tokens, {args.requests} requests each"
+    )
     print("| measurement | median |")
     print("|---|---:|")
     print(f"| bare PEFT loop, per request | {b * 1e3:.1f} ms |")

@@ -182,7 +182,9 @@ class EvalReport:
             )
         axes.set_xlabel("test-time training steps")
         axes.set_ylabel("bits per byte (lower is better)")
-        axes.set_title(f"{len(self.documents)} documents" + (f", {Path(model_name).name}" if model_name else ""))
+        axes.set_title(
+            f"{len(self.documents)} documents" + (f", {Path(model_name).name}" if model_name else "")
+        )
         axes.legend()
         figure.tight_layout()
         figure.savefig(path, dpi=120)
