@@ -102,3 +102,28 @@ def test_shipped_calibration_is_for_the_default_model_only():
     assert default_gain_model("some/other-model") is None
     if DEFAULT_CALIBRATION.is_file():
         assert isinstance(default_gain_model(None), GainModel)
+
+
+def test_threshold_keeps_the_requested_share_of_the_gain():
+    rng = np.random.default_rng(1)
+    reductions = rng.uniform(0.05, 0.9, 100)
+    gains = 0.3 * reductions * np.exp(rng.normal(0, 0.3, 100))
+    weights = rng.integers(100, 2000, 100).astype(float)
+    model = GainModel(slope=0.3, power=1.0).with_threshold(reductions, gains, weights, keep=0.9)
+    predicted = model.predict(reductions)
+    kept = (gains * weights)[predicted >= model.min_gain_bpb].sum() / (gains * weights).sum()
+    assert kept >= 0.9
+    # The largest such threshold: one notch higher would fall below 90%.
+    higher = np.sort(predicted)[np.searchsorted(np.sort(predicted), model.min_gain_bpb) + 1]
+    assert (gains * weights)[predicted >= higher].sum() / (gains * weights).sum() < 0.9
+
+
+def test_policy_uses_the_calibrated_threshold_unless_configured():
+    model = GainModel(
+        slope=0.5, power=1.0, min_gain_bpb=0.4
+    )  # predicted gain at 8 steps: 0.5 * 0.668 = 0.334
+    assert plan(DIMINISHING, 8, PolicyConfig(), model).steps == 0
+    assert (
+        plan(DIMINISHING, 8, PolicyConfig(min_gain_bpb=0.1), model).steps == 8
+    )  # gain_fraction 1.0: the budget
+    assert plan(DIMINISHING, 8, PolicyConfig(), GainModel(slope=0.5)).steps == 8

@@ -336,6 +336,9 @@ def eval_command(
 def calibrate(
     results: Annotated[list[Path], typer.Argument(help="results.json files written by `ttserve eval`")],
     out: Annotated[Path, typer.Option(help="gain-model JSON to write (point policy.calibration at it)")],
+    keep: Annotated[
+        float, typer.Option(help="fraction of the realised gain the skip threshold must keep")
+    ] = 0.9,
 ) -> None:
     """Fit the gain model (predicted BPB gain from SIFT's uncertainty reduction) to evaluation runs."""
     import numpy as np
@@ -349,11 +352,14 @@ def calibrate(
         reductions, gains = np.concatenate([p[0] for p in points]), np.concatenate([p[1] for p in points])
         corpora = ", ".join(sorted({report.config.get("datastore", "") for report in reports}))
         model = GainModel.fit(reductions, gains, model=reports[0].config.get("model", ""), corpus=corpora)
+        prompts = [report.prompt_points() for report in reports]
+        model = model.with_threshold(*(np.concatenate([p[i] for p in prompts]) for i in range(3)), keep=keep)
     except (FileNotFoundError, ValueError, KeyError) as error:
         raise _fail(str(error)) from None
     model.save(out)
     typer.echo(
-        f"gain = {model.slope:.4g} * reduction^{model.power:.3f}  (r2 in log space {model.r2:.3f}, {model.points} points) -> {out}"
+        f"gain = {model.slope:.4g} * reduction^{model.power:.3f}  (r2 in log space {model.r2:.3f}, {model.points} points);"
+        f" skip below {model.min_gain_bpb} bpb predicted -> {out}"
     )
 
 

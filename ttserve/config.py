@@ -107,9 +107,13 @@ class PolicyConfig(_Section):
     mode: Literal["auto", "always", "off"] = "auto"
     # Adaptive-SIFT stopping constant: picks beyond the first n with alpha·n·σ_n > 1 are never trained on.
     alpha: float | None = Field(None, gt=0)
-    min_gain_bpb: float = Field(0.005, ge=0, description="train only when the predicted gain reaches this")
-    # auto takes the fewest steps whose predicted gain reaches this fraction of the gain at the budget.
-    gain_fraction: float = Field(0.9, gt=0, le=1)
+    # Train only when the predicted gain at the budget reaches this. None: the threshold fitted with the gain
+    # model (`ttserve calibrate`), which keeps 90% of the calibration runs' gain.
+    min_gain_bpb: float | None = Field(None, ge=0)
+    # auto takes the fewest steps whose predicted gain reaches this fraction of the gain at the budget. 1.0:
+    # the whole budget when training at all. On the default model gains keep growing up to 32 steps, and
+    # cutting steps at 0.9 kept only 55% of the gain on held-out Pile documents (BENCHMARKS.md).
+    gain_fraction: float = Field(1.0, gt=0, le=1)
     calibration: Path | None = Field(None, description="gain-model JSON from `ttserve calibrate`")
 
 

@@ -124,6 +124,20 @@ class EvalReport:
                     gains.append(base_bpb - (-c.loglik / (math.log(2) * d.bytes)))
         return np.asarray(reductions), np.asarray(gains)
 
+    def prompt_points(self, strategy: str = "sift") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(reduction, realised BPB gain, bytes) per document at the largest step count."""
+        budget = max(self.config["steps"])
+        rows = []
+        for d in self.documents:
+            if strategy in d.runs:
+                c = _at(d.runs[strategy], budget)
+                rows.append((c.reduction, (c.loglik - d.base_loglik) / (math.log(2) * d.bytes), d.bytes))
+        return (
+            tuple(np.asarray(column, dtype=float) for column in zip(*rows, strict=True))
+            if rows
+            else (np.zeros(0),) * 3
+        )
+
     def write(self, out: Path, model_name: str = "") -> None:
         out.mkdir(parents=True, exist_ok=True)
         payload = {

@@ -10,7 +10,7 @@ pay for the compute.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -32,6 +32,10 @@ class GainModel:
 
     slope: float
     power: float = 1.0
+    # Skip training below this predicted gain at the budget. Fitted with the curve (`with_threshold`): on this
+    # model realised gains keep growing with steps, so compute is saved by skipping the prompts SIFT
+    # predicts little for, not by cutting every prompt's steps short.
+    min_gain_bpb: float | None = None
     model: str = ""  # the served model the calibration was measured on
     corpus: str = ""
     points: int = 0
@@ -60,6 +64,22 @@ class GainModel:
             points=int(usable.sum()),
             r2=r2,
         )
+
+    def with_threshold(
+        self, reductions: np.ndarray, gains: np.ndarray, weights: np.ndarray, keep: float = 0.9
+    ) -> GainModel:
+        """The largest threshold on predicted gain that still keeps `keep` of the realised gain.
+
+        reductions/gains/weights: one entry per calibration prompt at the full budget (weights: bytes).
+        """
+        predicted = self.predict(np.asarray(reductions, dtype=float))
+        realised = np.asarray(gains, dtype=float) * np.asarray(weights, dtype=float)
+        total = realised.sum()
+        best = None
+        for threshold in np.sort(predicted):
+            if total > 0 and realised[predicted >= threshold].sum() >= keep * total:
+                best = float(threshold)
+        return replace(self, min_gain_bpb=best)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.__dict__, indent=2) + "\n")
@@ -133,10 +153,10 @@ def plan(
     if gain_model is None:
         return make(most, f"no gain model calibrated: train on {most} picks within the budget")
     best = gain(most)
-    if best < config.min_gain_bpb:
+    threshold = config.min_gain_bpb if config.min_gain_bpb is not None else gain_model.min_gain_bpb or 0.0
+    if best < threshold:
         return make(
-            0,
-            f"predicted gain {best:.4f} bpb at {most} steps is below the {config.min_gain_bpb:g} bpb threshold",
+            0, f"predicted gain {best:.4f} bpb at {most} steps is below the {threshold:.4g} bpb threshold"
         )
     gains = np.array([gain(n) for n in range(1, most + 1)])
     steps = int(np.argmax(gains >= config.gain_fraction * best)) + 1
