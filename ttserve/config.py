@@ -108,7 +108,7 @@ class PolicyConfig(_Section):
     # Adaptive-SIFT stopping constant: picks beyond the first n with alpha·n·σ_n > 1 are never trained on.
     alpha: float | None = Field(None, gt=0)
     # Train only when the predicted gain at the budget reaches this. None: the threshold fitted with the gain
-    # model (`ttserve calibrate`), which keeps 90% of the calibration runs' gain.
+    # model (`ttserve calibrate`), which keeps 95% of the calibration runs' gain.
     min_gain_bpb: float | None = Field(None, ge=0)
     # auto takes the fewest steps whose predicted gain reaches this fraction of the gain at the budget. 1.0:
     # the whole budget when training at all. On the default model gains keep growing up to 32 steps, and
