@@ -276,7 +276,7 @@ def eval_command(
     _quiet_libraries()
     import numpy as np
 
-    from ttserve.datastore import CorpusError, Document, read_corpus
+    from ttserve.datastore import CorpusError, Document, EmbedderMismatchError, read_corpus
     from ttserve.evaluation import evaluate
     from ttserve.lm import load_model
     from ttserve.retrieval import Retriever
@@ -300,13 +300,12 @@ def eval_command(
         from ttserve.datastore.local_corpus import ensure_datastore
 
         ensure_datastore(settings)
-    retriever = Retriever.from_settings(settings, datastore)
-    if data is not None:
-        try:
-            documents = list(read_corpus([data]))
-        except CorpusError as error:
-            raise _fail(str(error)) from None
-    else:
+    try:
+        retriever = Retriever.from_settings(settings, datastore)
+        documents = list(read_corpus([data])) if data is not None else []
+    except (CorpusError, FileNotFoundError, EmbedderMismatchError) as error:
+        raise _fail(str(error)) from None
+    if data is None:
         store = retriever.datastore
         rows = np.random.default_rng(seed).choice(
             len(store), size=min(sample_datastore, len(store)), replace=False
