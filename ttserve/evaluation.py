@@ -236,13 +236,15 @@ def evaluate(
             excluded=len(excluded),
             base_loglik=base.loglik,
         )
+        targets = retriever.embed(query)  # once for every strategy
         for strategy in strategies:
-            retrieval = retriever.retrieve(query, n=steps[-1], strategy=strategy, exclude_ids=excluded)
+            retrieval = retriever.retrieve_embeddings(
+                targets, n=steps[-1], strategy=strategy, exclude_ids=excluded
+            )
             checkpoints = list(steps)
             chosen = None
             if strategy == "sift":
-                selection = _as_selection(retrieval)
-                chosen = plan(selection, steps[-1], policy, gain_model)
+                chosen = plan(retrieval.selection, steps[-1], policy, gain_model)
                 result.adaptive_reason = chosen.reason
                 checkpoints = sorted(set(checkpoints) | ({chosen.steps} if chosen.steps else set()))
             scores = _train_and_score(trainer, retrieval, checkpoints, scored, max_length)
@@ -256,7 +258,7 @@ def evaluate(
         "steps": steps,
         "strategies": list(strategies),
         "split": split,
-        "lam": retriever.config.lam,
+        "lam": retriever.lam,
         "k": retriever.config.k,
         "policy": policy.model_dump(mode="json"),
         "gain_model": asdict(gain_model) if gain_model else None,
@@ -316,12 +318,6 @@ def split_halves(text: str) -> tuple[str, str]:
     cut = text.find(" ", middle)
     cut = middle if cut == -1 or cut - middle > 200 else cut
     return text[:cut], text[cut:]
-
-
-def _as_selection(retrieval):
-    from ttserve.selection import Selection
-
-    return Selection(np.arange(len(retrieval.ids)), retrieval.variances, retrieval.lam, retrieval.strategy)
 
 
 def _near_copy(pick: str, text: str) -> bool:

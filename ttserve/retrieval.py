@@ -60,6 +60,11 @@ class Retrieval:
     def uncertainty_after(self) -> float:
         return float(self.variances[-1])
 
+    @property
+    def selection(self) -> selection.Selection:
+        """The picks as a Selection over themselves: what the budget policy plans from."""
+        return selection.Selection(np.arange(len(self.ids)), self.variances, self.lam, self.strategy)
+
 
 class Retriever:
     def __init__(self, datastore: Datastore, embedder: Embedder, config: RetrievalConfig | None = None):
@@ -70,6 +75,17 @@ class Retriever:
         self.datastore = datastore
         self.embedder = embedder
         self.config = config or RetrievalConfig()
+
+    @property
+    def lam(self) -> float:
+        """The λ′ used when a call gives none: configured, else calibrated for the embedder."""
+        return self.config.lam if self.config.lam is not None else default_lambda(self.embedder.name)
+
+    def embed(self, text: str) -> np.ndarray:
+        """The prompt's target embeddings [m, d] (one per chunk, the last `max_query_chunks` kept)."""
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("prompt text must be a non-empty string")
+        return self.embedder.encode_query(text, self.config.max_query_chunks)
 
     @classmethod
     def from_settings(cls, settings: Settings, path: str | None = None) -> Retriever:
@@ -88,10 +104,8 @@ class Retriever:
         exclude_ids: set[int] | None = None,
     ) -> Retrieval:
         """Select up to n sequences for the prompt `text` (see `retrieve_embeddings`)."""
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError("prompt text must be a non-empty string")
         started = time.perf_counter()
-        targets = self.embedder.encode_query(text, self.config.max_query_chunks)
+        targets = self.embed(text)
         embed_ms = (time.perf_counter() - started) * 1e3
         result = self.retrieve_embeddings(targets, n, k, strategy, lam, alpha, exclude_ids)
         result.timings_ms["embed_ms"] = embed_ms
@@ -117,8 +131,7 @@ class Retriever:
         n = self.config.n if n is None else n
         k = self.config.k if k is None else k
         strategy = strategy or self.config.strategy
-        if lam is None:
-            lam = self.config.lam if self.config.lam is not None else default_lambda(self.embedder.name)
+        lam = self.lam if lam is None else lam
         alpha = self.config.alpha if alpha is None else alpha
         if strategy not in ("sift", "knn"):
             raise ValueError(f"unknown strategy {strategy!r}: use 'sift' or 'knn'")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -66,8 +67,8 @@ class TestTimeTrainer:
                 loaded.model, lora_config(self.config, model_type, loaded.name), adapter_name=ADAPTER
             )
         self.model.eval()  # no dropout in the base model; LoRA dropout (if any) is applied by PEFT in train()
-        self._parameters = [p for n, p in self.model.named_parameters() if p.requires_grad]
-        self._initial = [p.detach().clone() for p in self._parameters]
+        self.trainable_parameters = [p for n, p in self.model.named_parameters() if p.requires_grad]
+        self._initial = [p.detach().clone() for p in self.trainable_parameters]
         self._lock = threading.Lock()
 
     def chunks(self, texts: Sequence[str]) -> Iterator[list[int]]:
@@ -88,10 +89,10 @@ class TestTimeTrainer:
         with self._lock:
             started = time.perf_counter()
             with torch.no_grad():
-                for parameter, initial in zip(self._parameters, self._initial, strict=True):
+                for parameter, initial in zip(self.trainable_parameters, self._initial, strict=True):
                     parameter.copy_(initial)
             optimizer = torch.optim.AdamW(
-                self._parameters,
+                self.trainable_parameters,
                 lr=self.config.learning_rate,
                 eps=self.config.adam_eps,
                 weight_decay=self.config.weight_decay,
@@ -122,7 +123,7 @@ class TrainingSession:
         self.model = trainer.model
         self.optimizer = optimizer
         self.run = TrainingRun(setup_ms=setup_ms)
-        self._queue: list[list[int]] = []  # token pieces still to train on, in order
+        self._queue: deque[list[int]] = deque()  # token pieces still to train on, in order
 
     def train(
         self,
@@ -160,12 +161,12 @@ class TrainingSession:
                 if deadline is not None and time.monotonic() >= deadline:
                     self.run.stopped = "deadline"
                     break
-                piece = self._queue.pop(0)
+                piece = self._queue.popleft()
                 input_ids = torch.tensor([piece], device=self.trainer.device)
                 loss = self.model(input_ids=input_ids, labels=input_ids).loss
                 loss.backward()
                 if config.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(self.trainer._parameters, config.max_grad_norm)
+                    torch.nn.utils.clip_grad_norm_(self.trainer.trainable_parameters, config.max_grad_norm)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.run.losses.append(float(loss.detach()))
