@@ -11,6 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's CPU backend needs it set
 
 import pytest
 
@@ -125,3 +126,35 @@ def make_trainer(tiny_model_dir):
         return TestTimeTrainer(loaded, TrainingConfig(**{"learning_rate": 1e-3, **training}))
 
     return make
+
+
+class LoopThread:
+    """An asyncio event loop in a background thread, shared by a session's async engines.
+
+    vLLM's AsyncLLM binds to the loop it first runs on, and its engine takes ~25 s to start, so one engine
+    (and one loop) serves every test that needs it; tests submit coroutines with `run`.
+    """
+
+    def __init__(self):
+        import asyncio
+        import threading
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="test-event-loop", daemon=True)
+        self.thread.start()
+
+    def run(self, coroutine, timeout: float = 300):
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="session")
+def loop_thread():
+    thread = LoopThread()
+    yield thread
+    thread.close()

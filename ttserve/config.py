@@ -117,6 +117,36 @@ class PolicyConfig(_Section):
     calibration: Path | None = Field(None, description="gain-model JSON from `ttserve calibrate`")
 
 
+class EngineConfig(_Section):
+    """The inference engine that answers with the base model or a request's adapter (ttserve/engines/)."""
+
+    # transformers: transformers + PEFT sharing the trainer's base weights (the embedded default, small models,
+    # CPU). vllm: vLLM's AsyncLLM with LoRA enabled; the trainer then holds its own copy of the base weights.
+    kind: Literal["transformers", "vllm"] = "transformers"
+    max_model_len: PositiveInt | None = None  # None: the model's context length
+    # vLLM only. The GPU share vLLM takes for weights and KV cache; the rest is left to the trainer (its copy
+    # of the base weights, activations and optimizer state), see docs/engines.md.
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    max_loras: PositiveInt = 4  # adapters in one batch (vLLM slots); base traffic may hold one, see below
+    max_cpu_loras: PositiveInt | None = None  # adapters vLLM keeps loaded; None: adapters.max_adapters + 1
+    enforce_eager: bool = False
+    # vLLM's CPU LoRA kernels give a base request the LoRA in the last slot when it shares a batch with
+    # LoRA requests. Routing base requests through an all-zero adapter makes that impossible. None: on
+    # when vLLM runs on CPU, off on GPU (whose kernels treat "no LoRA" correctly).
+    zero_adapter_for_base: bool | None = None
+    max_logprobs: PositiveInt = 20  # most top logprobs a request may ask for
+
+
+class AdapterCacheConfig(_Section):
+    """Trained adapters kept for reuse: keyed by content, bounded by count and bytes, evicted LRU."""
+
+    max_adapters: PositiveInt = 16
+    max_bytes: PositiveInt = 512 * 2**20
+    # Where adapter files live while cached. None: a private directory in /dev/shm (memory) when it exists,
+    # else the system temp directory. Removed when the engine shuts down.
+    scratch_dir: Path | None = None
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TTSERVE_", env_nested_delimiter="__", extra="forbid")
 
@@ -126,6 +156,8 @@ class Settings(BaseSettings):
     model: ModelConfig = ModelConfig()
     training: TrainingConfig = TrainingConfig()
     policy: PolicyConfig = PolicyConfig()
+    engine: EngineConfig = EngineConfig()
+    adapters: AdapterCacheConfig = AdapterCacheConfig()
 
     @classmethod
     def settings_customise_sources(

@@ -14,6 +14,10 @@ The model is wrapped with PEFT once per process. A request then only copies the 
 values back (lora_A's seeded random init and lora_B's zeros: a few MB at most) and builds a new
 optimizer. `TrainingRun.setup_ms` measures that cost. The base weights are never touched. The trainer
 serialises requests with a lock: one adapter lives in the wrapped model at a time.
+
+The transformers engine serves from this same wrapped model (no second copy of the base weights). Each
+training step holds `forward_lock`, as does each of the engine's forward passes, so inference interleaves
+with training step by step; inference never uses the adapter being trained (see engines/transformers.py).
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ class TestTimeTrainer:
 
     def __init__(self, loaded: LoadedModel, config: TrainingConfig | None = None):
         self.config = config or TrainingConfig()
+        self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.base_name = loaded.name
         self.device = loaded.device
@@ -69,7 +74,8 @@ class TestTimeTrainer:
         self.model.eval()  # no dropout in the base model; LoRA dropout (if any) is applied by PEFT in train()
         self.trainable_parameters = [p for n, p in self.model.named_parameters() if p.requires_grad]
         self._initial = [p.detach().clone() for p in self.trainable_parameters]
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one session at a time
+        self.forward_lock = threading.Lock()  # one forward (+ backward) pass on the shared model at a time
 
     def chunks(self, texts: Sequence[str]) -> Iterator[list[int]]:
         """Training steps in order: each text tokenized (BOS-prefixed) and cut into max_length pieces."""
@@ -149,7 +155,6 @@ class TrainingSession:
         config = self.trainer.config
         started = time.perf_counter()
         taken = 0
-        self.model.train()
         try:
             while self._queue:
                 if taken >= max_steps:
@@ -163,11 +168,18 @@ class TrainingSession:
                     break
                 piece = self._queue.popleft()
                 input_ids = torch.tensor([piece], device=self.trainer.device)
-                loss = self.model(input_ids=input_ids, labels=input_ids).loss
-                loss.backward()
-                if config.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(self.trainer.trainable_parameters, config.max_grad_norm)
-                self.optimizer.step()
+                with self.trainer.forward_lock:
+                    self.model.train()  # train mode only while the lock is held: inference sees eval mode
+                    try:
+                        loss = self.model(input_ids=input_ids, labels=input_ids).loss
+                        loss.backward()
+                        if config.max_grad_norm is not None:
+                            torch.nn.utils.clip_grad_norm_(
+                                self.trainer.trainable_parameters, config.max_grad_norm
+                            )
+                        self.optimizer.step()
+                    finally:
+                        self.model.eval()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.run.losses.append(float(loss.detach()))
                 self.run.tokens += len(piece)
@@ -176,17 +188,18 @@ class TrainingSession:
             else:
                 self.run.stopped = "completed"
         finally:
-            self.model.eval()
             self.run.seconds += time.perf_counter() - started
         return self.run
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """The adapter's weights in PEFT's saved format (CPU copies)."""
-        state = get_peft_model_state_dict(self.model, adapter_name=ADAPTER)
+        with self.trainer.forward_lock:  # the engine may be adding or removing adapters in another thread
+            state = get_peft_model_state_dict(self.model, adapter_name=ADAPTER)
         return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
     def save(self, output_dir: str | Path) -> Path:
         """Write the adapter in standard PEFT format (adapter_model.safetensors + adapter_config.json)."""
         output_dir = Path(output_dir)
-        self.model.save_pretrained(str(output_dir), selected_adapters=[ADAPTER])
+        with self.trainer.forward_lock:
+            self.model.save_pretrained(str(output_dir), selected_adapters=[ADAPTER])
         return output_dir

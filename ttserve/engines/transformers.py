@@ -1,0 +1,278 @@
+"""The transformers + PEFT engine: the embedded default, for small models and CPU hosts.
+
+It serves from the trainer's own PEFT-wrapped model, so the base weights exist once in memory. Adapters are
+loaded into that model under their own names, and every forward pass names its adapter explicitly through
+PEFT's per-call `adapter_names` (`"__base__"` for the base model). No global "active adapter" is switched,
+so a request can only ever run with the adapter it asked for, and the adapter being trained ("default") is
+never used for inference.
+
+Concurrency: each request decodes in its own worker thread; every forward pass (and every training step)
+holds the trainer's `forward_lock`, so requests and training interleave token by token and never overlap.
+Batching across requests is left out: on the small models this engine is for, one sequence per forward is
+already latency-bound, and vLLM is the engine for throughput.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from ttserve.engines.base import (
+    Adapter,
+    Engine,
+    GenerationChunk,
+    PromptScores,
+    SamplingParams,
+    TokenLogprob,
+    Usage,
+    directory_bytes,
+)
+from ttserve.training import TestTimeTrainer
+
+BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter forward
+
+
+class TransformersEngine(Engine):
+    def __init__(self, trainer: TestTimeTrainer, max_model_len: int | None = None, max_concurrency: int = 16):
+        super().__init__()
+        self.trainer = trainer
+        self.model = trainer.model  # the PeftModel; its base weights are the trainer's
+        self.tokenizer = trainer.tokenizer
+        self.model_name = trainer.base_name
+        self.device = trainer.device
+        self.max_model_len = min(max_model_len or trainer.loaded.max_length, trainer.loaded.max_length)
+        self._lock = trainer.forward_lock
+        self._executor = ThreadPoolExecutor(max_concurrency, thread_name_prefix="ttserve-generate")
+        self._adapters: dict[str, Adapter] = {}
+        eos = trainer.loaded.model.generation_config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        if self.tokenizer.eos_token_id is not None:
+            eos.append(self.tokenizer.eos_token_id)
+        self.eos_token_ids = frozenset(eos)
+
+    # --- adapters -----------------------------------------------------------------------------------
+    async def add_adapter(self, path: str | Path) -> Adapter:
+        path = Path(path)
+        name, adapter_id = self._next_adapter_identity()
+
+        def load() -> None:
+            with self._lock:
+                self.model.load_adapter(str(path), adapter_name=name, is_trainable=False)
+
+        await asyncio.to_thread(load)
+        adapter = Adapter(name=name, id=adapter_id, path=path, bytes=directory_bytes(path))
+        self._adapters[name] = adapter
+        return adapter
+
+    async def remove_adapter(self, adapter: Adapter) -> None:
+        if self._adapters.pop(adapter.name, None) is None:
+            raise KeyError(f"adapter {adapter.name} is not loaded")
+
+        def unload() -> None:
+            with self._lock:
+                self.model.delete_adapter(adapter.name)
+
+        await asyncio.to_thread(unload)
+
+    def loaded_adapters(self) -> set[str]:
+        return set(self._adapters)
+
+    def _adapter_name(self, adapter: Adapter | None) -> str:
+        if adapter is None:
+            return BASE
+        if adapter.name not in self._adapters:
+            raise KeyError(f"adapter {adapter.name} is not loaded")
+        return adapter.name
+
+    # --- the model ----------------------------------------------------------------------------------
+    def _forward(self, input_ids: list[int], adapter_name: str, past=None):
+        ids = torch.tensor([input_ids], device=self.device)
+        with self._lock, torch.inference_mode():
+            out = self.model(
+                input_ids=ids, past_key_values=past, use_cache=True, adapter_names=[adapter_name]
+            )
+        return out.logits[0].float(), out.past_key_values
+
+    async def score(
+        self, prompt_ids: Sequence[int], adapter: Adapter | None = None, top_logprobs: int = 0
+    ) -> PromptScores:
+        self.check_context(prompt_ids)
+        ids = list(prompt_ids)
+        name = self._adapter_name(adapter)
+
+        def run() -> PromptScores:
+            logits, _ = self._forward(ids, name)
+            logprobs = torch.log_softmax(logits[:-1], dim=-1)
+            chosen = logprobs.gather(1, torch.tensor(ids[1:], device=logprobs.device)[:, None])[:, 0].tolist()
+            top: list = [None]
+            for row in logprobs:
+                top.append(self._top(row, top_logprobs) if top_logprobs else ())
+            return PromptScores(
+                token_ids=ids,
+                tokens=[self.decode_token(t) for t in ids],
+                logprobs=[None, *chosen],
+                top=top,
+            )
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, run)
+
+    def decode_token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def _top(self, logprobs: torch.Tensor, k: int) -> tuple[tuple[int, str, float], ...]:
+        values, indices = torch.topk(logprobs, min(k, logprobs.numel()))
+        return tuple(
+            (int(i), self.decode_token(int(i)), float(v)) for v, i in zip(values, indices, strict=True)
+        )
+
+    async def generate(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        adapter: Adapter | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[GenerationChunk]:
+        self.check_context(prompt_ids)
+        name = self._adapter_name(adapter)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[GenerationChunk | BaseException] = asyncio.Queue()
+        cancel = threading.Event()
+
+        def emit(item: GenerationChunk | BaseException) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        loop.run_in_executor(self._executor, self._decode, list(prompt_ids), params, name, emit, cancel)
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.final:
+                    return
+        finally:
+            cancel.set()  # the client went away (or we are done): the worker stops before its next token
+
+    def _decode(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        adapter_name: str,
+        emit: Callable[[GenerationChunk | BaseException], None],
+        cancel: threading.Event,
+    ) -> None:
+        try:
+            self._decode_loop(prompt_ids, params, adapter_name, emit, cancel)
+        except BaseException as error:  # noqa: BLE001 - handed to the awaiting coroutine
+            emit(error)
+
+    def _decode_loop(self, prompt_ids, params, adapter_name, emit, cancel) -> None:
+        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        stops = StopStrings(params.stop)
+        room = self.max_model_len - len(prompt_ids)
+        max_tokens = min(params.max_tokens, room)
+        generated: list[int] = []
+        emitted_chars = 0
+        emitted_tokens = 0
+        pending_logprobs: list[TokenLogprob] = []
+        finish: str | None = "length" if max_tokens == 0 else None
+        text = ""
+        past = None
+        next_input = prompt_ids
+        while finish is None and not cancel.is_set():
+            logits, past = self._forward(next_input, adapter_name, past)
+            logits = logits[-1]
+            token = sample(logits, params, generator)
+            generated.append(token)
+            next_input = [token]
+            if params.logprobs is not None:
+                row = torch.log_softmax(logits, dim=-1)
+                pending_logprobs.append(
+                    TokenLogprob(
+                        token, self.decode_token(token), float(row[token]), self._top(row, params.logprobs)
+                    )
+                )
+            text = self.decode(generated)
+            cut = stops.find(text, emitted_chars)
+            if cut is not None:
+                text, finish = text[:cut], "stop"
+            elif token in self.eos_token_ids and not params.ignore_eos:
+                finish = "stop"
+            elif len(generated) >= max_tokens:
+                finish = "length"
+            safe = len(text) if finish else stops.safe_length(text)
+            if safe > emitted_chars or finish:
+                emit(
+                    GenerationChunk(
+                        text=text[emitted_chars:safe],
+                        token_ids=generated[emitted_tokens:],
+                        logprobs=pending_logprobs,
+                    )
+                    if not finish
+                    else GenerationChunk(
+                        text=text[emitted_chars:safe],
+                        token_ids=generated[emitted_tokens:],
+                        logprobs=pending_logprobs,
+                        finish_reason=finish,
+                        usage=Usage(len(prompt_ids), len(generated)),
+                    )
+                )
+                emitted_chars, emitted_tokens, pending_logprobs = safe, len(generated), []
+        if finish is None:  # cancelled: nobody is listening, but end the stream properly anyway
+            emit(GenerationChunk(finish_reason="abort", usage=Usage(len(prompt_ids), len(generated))))
+        elif max_tokens == 0:
+            emit(GenerationChunk(finish_reason=finish, usage=Usage(len(prompt_ids), 0)))
+
+    async def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """The next token: greedy at temperature 0, else temperature, top-k and top-p (nucleus) sampling."""
+    if params.temperature == 0:
+        return int(torch.argmax(logits))
+    logits = logits / params.temperature
+    if params.top_k > 0 and params.top_k < logits.numel():
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        outside = torch.cumsum(probs, dim=-1) - probs >= params.top_p  # the first token always stays
+        logits = logits.clone()
+        logits[order[outside]] = float("-inf")
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class StopStrings:
+    """Stop-string matching on streamed text, holding back what could still become a stop string."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = [s for s in stops if s]
+        self.longest = max((len(s) for s in self.stops), default=0)
+
+    def find(self, text: str, emitted: int) -> int | None:
+        """Where the first stop string starts, searching only text that could hold a new match."""
+        start = max(0, emitted - self.longest + 1)
+        hits = [i for i in (text.find(s, start) for s in self.stops) if i >= 0]
+        return min(hits) if hits else None
+
+    def safe_length(self, text: str) -> int:
+        """How much of `text` can be sent: not a trailing partial stop string, not a half-decoded character."""
+        end = len(text)
+        while end and text[end - 1] == "\ufffd":  # an incomplete UTF-8 sequence decodes as U+FFFD
+            end -= 1
+        for stop in self.stops:
+            for length in range(min(len(stop) - 1, end), 0, -1):
+                if text.endswith(stop[:length], 0, end):
+                    end -= length
+                    break
+        return end

