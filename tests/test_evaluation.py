@@ -206,7 +206,9 @@ def test_eval_command(code_datastore, tiny_model_dir, tmp_path):
     assert result.exit_code == 0, result.output
     payload = json.loads((tmp_path / "out" / "results.json").read_text())
     assert payload["summary"]["documents"] == 2 and payload["config"]["steps"] == [1, 2]
-    assert payload["config"]["lam"] == CALIBRATED_LAMBDA["sentence-transformers/all-MiniLM-L6-v2"]  # the λ used
+    assert (
+        payload["config"]["lam"] == CALIBRATED_LAMBDA["sentence-transformers/all-MiniLM-L6-v2"]
+    )  # the λ used
     bad = CliRunner().invoke(
         app, ["eval", "--steps", "a,b", "--sample-datastore", "1", "--config", str(config)]
     )

@@ -365,12 +365,9 @@ def calibrate(
 
 
 def _gain_model(settings, override: Path | None):
-    from ttserve.policy import GainModel, default_gain_model
+    from ttserve.policy import load_gain_model
 
-    path = override or settings.policy.calibration
-    if path is not None:
-        return GainModel.load(path)
-    return default_gain_model(settings.model.name_or_path)
+    return load_gain_model(settings.policy, settings.model.name_or_path, override)
 
 
 def _retrieval_json(result) -> dict:

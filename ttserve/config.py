@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, SecretStr
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -147,6 +147,29 @@ class AdapterCacheConfig(_Section):
     scratch_dir: Path | None = None
 
 
+class ServerConfig(_Section):
+    """The OpenAI-compatible HTTP API (ttserve/serving/)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    # The model id clients send and GET /v1/models lists. None: "ttserve-tiny" for the embedded default,
+    # else model.name_or_path.
+    served_model_name: str | None = None
+    # Bearer token clients must send (Authorization: Bearer ...). None: no authentication.
+    api_key: SecretStr | None = None
+    # compute_budget: the most test-time training steps a request may spend. Requests that leave it out get
+    # the default; a request above the maximum is refused (400), so a client never silently gets less.
+    default_compute_budget: int = Field(16, ge=0)
+    max_compute_budget: int = Field(256, ge=0)
+    # Test-time training must start and finish within this many seconds of the request arriving (a request's
+    # ttt.deadline_s may shorten it); otherwise the base model answers and ttt.reason says why.
+    training_deadline_s: float = Field(60.0, gt=0)
+    max_queued_trainings: PositiveInt = 16  # per generator replica; beyond this, requests skip training
+    max_concurrent_requests: PositiveInt = 256  # per ingress; beyond this, 429
+    max_request_bytes: PositiveInt = 8 * 2**20  # larger bodies get 413
+    retrieval_timeout_s: float = Field(30.0, gt=0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TTSERVE_", env_nested_delimiter="__", extra="forbid")
 
@@ -158,6 +181,7 @@ class Settings(BaseSettings):
     policy: PolicyConfig = PolicyConfig()
     engine: EngineConfig = EngineConfig()
     adapters: AdapterCacheConfig = AdapterCacheConfig()
+    server: ServerConfig = ServerConfig()
 
     @classmethod
     def settings_customise_sources(

@@ -100,6 +100,14 @@ def default_gain_model(model_name: str | None) -> GainModel | None:
     return None
 
 
+def load_gain_model(
+    config: PolicyConfig, model_name: str | None, path: Path | None = None
+) -> GainModel | None:
+    """The gain model to plan with: `path`, else the configured calibration, else the shipped default's."""
+    path = path or config.calibration
+    return GainModel.load(path) if path is not None else default_gain_model(model_name)
+
+
 @dataclass(frozen=True)
 class Plan:
     steps: int  # training steps to take (0: serve the base model)

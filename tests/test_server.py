@@ -1,0 +1,356 @@
+"""The OpenAI-compatible server end to end, in process (no Ray), through the official `openai` client.
+
+The Ray Serve deployment of the same API is tested in test_ray_app.py.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import httpx
+import openai
+import pytest
+from pydantic import SecretStr
+
+from ttserve.config import (
+    DatastoreConfig,
+    ModelConfig,
+    RetrievalConfig,
+    ServerConfig,
+    Settings,
+    TrainingConfig,
+)
+from ttserve.datastore.build import build_datastore
+
+pytestmark = pytest.mark.slow
+
+CODE_PROMPT = "def parse_config(path):\n    with open(path) as handle:\n        return"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerThread:
+    """uvicorn serving an app on a free local port, in a background thread."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.port = free_port()
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@dataclass
+class Running:
+    url: str
+    generator: object
+    settings: Settings
+    model: str
+
+    def client(self, **kwargs) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def server_settings(tmp_path_factory, small_corpus, memo_embedder, tiny_model_dir) -> Settings:
+    datastore = tmp_path_factory.mktemp("server") / "datastore"
+    settings = Settings(
+        datastore=DatastoreConfig(path=datastore),
+        retrieval=RetrievalConfig(n=8, k=24),
+        model=ModelConfig(name_or_path=str(tiny_model_dir), device="cpu"),
+        training=TrainingConfig(learning_rate=1e-2),
+        server=ServerConfig(default_compute_budget=0, max_compute_budget=64, served_model_name="tiny-test"),
+    )
+    build_datastore([small_corpus], datastore, settings, memo_embedder, progress=False)
+    return settings
+
+
+@pytest.fixture(scope="session")
+def running(server_settings, loop_thread):
+    from ttserve.serving.local import start_local
+
+    app, generator = loop_thread.run(start_local(server_settings))
+    server = ServerThread(app)
+    yield Running(server.url, generator, server_settings, "tiny-test")
+    server.stop()
+    loop_thread.run(generator.close())
+
+
+def chat(running: Running, content: str = CODE_PROMPT, **kwargs):
+    kwargs = {"temperature": 0, "max_tokens": 12, **kwargs}
+    return running.client().chat.completions.create(
+        model=running.model, messages=[{"role": "user", "content": content}], **kwargs
+    )
+
+
+def ttt_of(response) -> dict:
+    return response.model_extra["ttt"] if "ttt" in (response.model_extra or {}) else response.ttt
+
+
+# --- the API --------------------------------------------------------------------------------------------
+def test_models_and_health(running):
+    models = running.client().models.list()
+    assert [m.id for m in models.data] == ["tiny-test"]
+    assert httpx.get(f"{running.url}/health").json() == {"status": "ok"}
+    assert running.client().models.retrieve("tiny-test").id == "tiny-test"
+
+
+def test_chat_with_budget_zero_does_not_train(running):
+    response = chat(running, extra_body={"compute_budget": 0})
+    ttt = ttt_of(response)
+    assert ttt["trained"] is False and ttt["steps"] == 0 and ttt["decision"] == "skipped"
+    assert ttt["reason"] == "compute budget is 0" and ttt["budget"] == 0
+    assert response.choices[0].message.content
+    assert response.usage.completion_tokens <= 12 and response.usage.prompt_tokens > 0
+    assert response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens
+
+
+def test_chat_with_a_budget_trains_within_it_and_reuses_the_adapter(running):
+    body = {"compute_budget": 3, "ttt": {"mode": "always"}}
+    first = ttt_of(chat(running, extra_body=body))
+    assert first["trained"] is True and first["decision"] == "trained" and 0 < first["steps"] <= 3
+    assert first["training_tokens"] > 0 and first["training_seconds"] > 0
+    assert len(first["selected_ids"]) == 8 and first["adapter_id"]
+    assert first["uncertainty_after"] < first["uncertainty_before"]
+    again = ttt_of(chat(running, extra_body=body))
+    assert again["decision"] == "reused" and again["cached"] is True
+    assert again["adapter_id"] == first["adapter_id"] and again["selected_ids"] == first["selected_ids"]
+
+
+def test_training_changes_the_answer_and_the_base_answer_is_unaffected(running):
+    base = chat(running, extra_body={"compute_budget": 0}).choices[0].message.content
+    adapted = chat(running, extra_body={"compute_budget": 8, "ttt": {"mode": "always"}})
+    assert ttt_of(adapted)["steps"] == 8
+    assert chat(running, extra_body={"compute_budget": 0}).choices[0].message.content == base
+
+
+def test_streaming_deltas_equal_the_whole_answer(running):
+    client = running.client()
+    kwargs = dict(model=running.model, prompt=CODE_PROMPT, max_tokens=16, temperature=0)
+    whole = client.completions.create(**kwargs, extra_body={"compute_budget": 2, "ttt": {"mode": "always"}})
+    chunks = list(
+        client.completions.create(
+            **kwargs, stream=True, extra_body={"compute_budget": 2, "ttt": {"mode": "always"}}
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert ttt_of(chunks[-1])["adapter_id"] == ttt_of(whole)["adapter_id"]
+    assert all("ttt" not in (c.model_extra or {}) for c in chunks[:-1])
+
+
+def test_chat_streaming_with_usage(running):
+    stream = running.client().chat.completions.create(
+        model=running.model,
+        messages=[{"role": "user", "content": CODE_PROMPT}],
+        max_tokens=10,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"compute_budget": 0},
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+    assert ttt_of(chunks[-1])["reason"] == "compute budget is 0"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == chat(running, max_tokens=10, extra_body={"compute_budget": 0}).choices[0].message.content
+
+
+def test_echo_logprobs_scores_the_prompt(running):
+    """The request lm-evaluation-harness's local-completions model sends for loglikelihoods."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    engine = running.generator.engine
+    ids = engine.encode("import os\nimport sys\n")
+    response = running.client().completions.create(
+        model=running.model, prompt=ids, max_tokens=0, echo=True, logprobs=1, extra_body={"compute_budget": 0}
+    )
+    logprobs = response.choices[0].logprobs
+    assert response.usage.completion_tokens == 0 and response.usage.prompt_tokens == len(ids)
+    assert logprobs.token_logprobs[0] is None and len(logprobs.token_logprobs) == len(ids)
+    model = AutoModelForCausalLM.from_pretrained(running.settings.model.name_or_path).eval()
+    with torch.no_grad():
+        expected = torch.log_softmax(model(torch.tensor([ids])).logits[0], -1)[:-1].gather(
+            1, torch.tensor(ids[1:])[:, None]
+        )[:, 0]
+    torch.testing.assert_close(torch.tensor(logprobs.token_logprobs[1:]), expected, atol=2e-4, rtol=1e-4)
+    assert all(len(top) == 1 for top in logprobs.top_logprobs[1:])
+    assert response.choices[0].text == "".join(logprobs.tokens)
+    text = running.client().completions.create(
+        model=running.model, prompt="import os\n", max_tokens=3, echo=True, temperature=0,
+        extra_body={"compute_budget": 0},
+    )  # fmt: skip
+    assert text.choices[0].text.startswith("import os\n")
+
+
+def test_generated_logprobs_in_chat(running):
+    response = chat(running, logprobs=True, top_logprobs=2, extra_body={"compute_budget": 0})
+    content = response.choices[0].logprobs.content
+    assert len(content) == response.usage.completion_tokens
+    assert all(len(entry.top_logprobs) == 2 and entry.logprob <= 0 for entry in content)
+
+
+# --- bad input -----------------------------------------------------------------------------------------------
+BAD_REQUESTS = [
+    ("malformed json", "/v1/chat/completions", b'{"model": "tiny-test", "messages": [', 400, None),
+    ("wrong type", "/v1/chat/completions", {"model": "tiny-test", "messages": "hi"}, 400, "messages"),
+    ("negative budget", "/v1/completions", {"model": "tiny-test", "prompt": "x", "compute_budget": -1}, 400, "compute_budget"),
+    ("huge budget", "/v1/completions", {"model": "tiny-test", "prompt": "x", "compute_budget": 10**6}, 400, "compute_budget"),
+    ("fractional budget", "/v1/completions", {"model": "tiny-test", "prompt": "x", "compute_budget": 2.5}, 400, "compute_budget"),
+    ("misspelt field", "/v1/completions", {"model": "tiny-test", "prompt": "x", "compute_bugdet": 2}, 400, "compute_bugdet"),
+    ("unknown model", "/v1/completions", {"model": "gpt-9", "prompt": "x"}, 404, "model"),
+    ("over the context", "/v1/completions", {"model": "tiny-test", "prompt": "x " * 3000}, 400, "prompt"),
+    ("max_tokens past the context", "/v1/completions", {"model": "tiny-test", "prompt": "x", "max_tokens": 10**6}, 400, "prompt"),
+    ("n > 1", "/v1/chat/completions", {"model": "tiny-test", "messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "n"),
+    ("penalties", "/v1/completions", {"model": "tiny-test", "prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ("bad ttt knob", "/v1/completions", {"model": "tiny-test", "prompt": "x", "ttt": {"strategy": "random"}}, 400, "ttt.strategy"),
+    ("token out of vocabulary", "/v1/completions", {"model": "tiny-test", "prompt": [1, 10**7]}, 400, "prompt"),
+    ("temperature", "/v1/completions", {"model": "tiny-test", "prompt": "x", "temperature": 5}, 400, "temperature"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("case", "path", "body", "status", "param"), BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS]
+)
+def test_bad_input_is_a_clear_openai_error(running, case, path, body, status, param):
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    response = httpx.post(
+        f"{running.url}{path}", content=content, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"] and error["type"]
+    if param is not None:
+        assert error["param"] == param
+
+
+def test_the_server_serves_correctly_after_bad_input(running):
+    before = chat(running, extra_body={"compute_budget": 0}).choices[0].message.content
+    for _, path, body, _, _ in BAD_REQUESTS:
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        httpx.post(f"{running.url}{path}", content=content, headers={"content-type": "application/json"})
+    assert chat(running, extra_body={"compute_budget": 0}).choices[0].message.content == before
+    with pytest.raises(openai.NotFoundError):
+        running.client().chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+    assert httpx.get(f"{running.url}/v1/nothing-here").status_code == 404
+
+
+def test_auth_size_limit_and_concurrency_limit(running, loop_thread):
+    """A second API over the same generator, with an API key, a small body limit and one request at a time."""
+    from ttserve.serving.api import build_api
+
+    server_config = running.settings.server.model_copy(
+        update={"api_key": SecretStr("s3cret"), "max_request_bytes": 2000, "max_concurrent_requests": 1}
+    )
+    settings = running.settings.model_copy(update={"server": server_config})
+    server = ServerThread(build_api(running.generator, settings))
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            client.models.list()
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="s3cret", max_retries=0)
+        assert client.models.list().data[0].id == "tiny-test"
+        assert httpx.get(f"{server.url}/health").status_code == 200  # health needs no key
+        with pytest.raises(openai.APIStatusError) as too_large:
+            client.completions.create(model="tiny-test", prompt="x" * 5000)
+        assert too_large.value.status_code == 413
+
+        def slow():  # trains for a while
+            return client.completions.create(
+                model="tiny-test", prompt=CODE_PROMPT, max_tokens=4,
+                extra_body={"compute_budget": 24, "ttt": {"mode": "always", "n": 24}},
+            )  # fmt: skip
+
+        with ThreadPoolExecutor(1) as pool:
+            training = pool.submit(slow)
+            time.sleep(0.5)
+            with pytest.raises(openai.RateLimitError):
+                client.completions.create(model="tiny-test", prompt="x", max_tokens=1)
+            health = httpx.get(f"{server.url}/health")  # answered while the generator trains
+            assert health.status_code == 200 and not training.done()
+            assert ttt_of(training.result())["trained"]
+    finally:
+        server.stop()
+
+
+# --- test-time training faults and isolation --------------------------------------------------------------------
+def test_a_training_fault_falls_back_to_the_base_model(running, monkeypatch):
+    base = chat(running, extra_body={"compute_budget": 0}).choices[0].message.content
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(running.generator.trainer, "train", broken)
+    response = chat(running, extra_body={"compute_budget": 5, "ttt": {"mode": "always", "n": 5}})
+    ttt = ttt_of(response)
+    assert ttt["decision"] == "fallback" and ttt["trained"] is False and ttt["adapter_id"] is None
+    assert (
+        "training failed" in ttt["reason"] and "injected" in ttt["reason"] and "base model" in ttt["reason"]
+    )
+    assert response.choices[0].message.content == base
+
+
+def test_a_deadline_too_short_for_training_serves_the_base_model(running):
+    chat(
+        running, extra_body={"compute_budget": 2, "ttt": {"mode": "always", "n": 3}}
+    )  # the trainer's speed is known
+    response = chat(
+        running,
+        content="an unrelated prompt",
+        extra_body={"compute_budget": 30, "ttt": {"mode": "always", "deadline_s": 0.01}},
+    )
+    ttt = ttt_of(response)
+    assert ttt["decision"] == "fallback" and "deadline" in ttt["reason"]
+
+
+def test_concurrent_requests_each_get_their_own_adapter(running):
+    prompts = [CODE_PROMPT, "class Cache:\n    def get(self, key):", "import json\n\ndef load(path):"]
+    budgets = [4, 6, 0]
+
+    def ask(prompt, budget):
+        response = chat(
+            running, content=prompt, extra_body={"compute_budget": budget, "ttt": {"mode": "always"}}
+        )
+        return response.choices[0].message.content, ttt_of(response)
+
+    alone = [ask(p, b) for p, b in zip(prompts, budgets, strict=True)]
+    with ThreadPoolExecutor(6) as pool:
+        together = list(pool.map(ask, prompts * 2, budgets * 2))
+    for (text, ttt), (text_alone, ttt_alone) in zip(together, alone * 2, strict=True):
+        assert text == text_alone and ttt["adapter_id"] == ttt_alone["adapter_id"]
+    assert len({ttt["adapter_id"] for _, ttt in alone}) == 3  # two adapters and None
+
+
+def test_metrics_count_requests_and_training(running):
+    chat(running, extra_body={"compute_budget": 1, "ttt": {"mode": "always"}})
+    text = httpx.get(f"{running.url}/metrics").text
+    assert 'ttserve_requests_total{endpoint="chat",status="200"}' in text
+    assert 'ttserve_ttt_decisions_total{decision="trained"}' in text
+    assert "ttserve_training_steps_total" in text and "ttserve_request_seconds_bucket" in text
+    assert (
+        'ttserve_adapter_cache_total{result="hit"}' in text
+        or 'ttserve_adapter_cache_total{result="miss"}' in text
+    )

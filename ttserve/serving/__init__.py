@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server: wire protocol (protocol.py) kept apart from serving logic."""
