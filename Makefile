@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@touch $@
 
 run: $(STAMP)
-	$(VENV)/bin/ttserve run $(ARGS)
+	$(VENV)/bin/ttserve serve $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -354,3 +354,42 @@ def test_metrics_count_requests_and_training(running):
         'ttserve_adapter_cache_total{result="hit"}' in text
         or 'ttserve_adapter_cache_total{result="miss"}' in text
     )
+
+
+# --- the same API through Ray Serve ------------------------------------------------------------------------------
+def test_openai_client_through_ray_serve(server_settings):
+    """The real deployment graph (ingress -> generator -> retriever) on a local Ray cluster."""
+    import ray
+    from ray import serve
+
+    from ttserve.serving.app import build_app
+
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 2**20, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        overrides = server_settings.model_dump(mode="json", exclude={"server": {"api_key"}})
+        serve.run(build_app({"overrides": overrides}), name="ttserve", route_prefix="/")
+        running = Running(f"http://127.0.0.1:{port}", None, server_settings, "tiny-test")
+        base = chat(running, extra_body={"compute_budget": 0})
+        assert ttt_of(base)["decision"] == "skipped"
+        trained = ttt_of(chat(running, extra_body={"compute_budget": 2, "ttt": {"mode": "always"}}))
+        assert trained["decision"] == "trained" and trained["steps"] == 2 and trained["selected_ids"]
+        stream = running.client().chat.completions.create(
+            model="tiny-test",
+            messages=[{"role": "user", "content": CODE_PROMPT}],
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            extra_body={"compute_budget": 0},
+        )
+        chunks = list(stream)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == base.choices[0].message.content
+        assert ttt_of(chunks[-1])["budget"] == 0
+        with pytest.raises(openai.BadRequestError):
+            chat(running, extra_body={"compute_budget": 10**6})
+        assert httpx.get(f"{running.url}/health").json() == {"status": "ok"}
+        assert 'decision="trained"' in httpx.get(f"{running.url}/metrics").text
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -201,6 +203,62 @@ def run(
         result = retriever.retrieve(text, n=n)
         typer.echo(f"\n> {text}")
         _print_retrieval(result)
+
+
+@app.command()
+def serve(
+    config: ConfigOption = None,
+    host: Annotated[str | None, typer.Option(help="interface to listen on (default: server.host)")] = None,
+    port: Annotated[int | None, typer.Option(help="port to listen on (default: server.port)")] = None,
+) -> None:
+    """The main job: the OpenAI-compatible server on a local Ray cluster, until Ctrl-C.
+
+    On the embedded default it first builds what is missing (the small model and the stdlib datastore,
+    offline, a few minutes on 2 cores, with progress bars), then starts Ray, the Serve app (ingress,
+    retriever, generator) and prints the URL.
+    """
+    _quiet_libraries()
+    from ttserve.datastore.local_corpus import ensure_datastore
+
+    settings = _settings(config)
+    host = host or settings.server.host
+    port = settings.server.port if port is None else port
+    if settings.model.name_or_path is None:
+        from ttserve.models import ensure_tiny_model
+
+        typer.echo(f"model: {ensure_tiny_model()}")
+    manifest = ensure_datastore(settings)
+    typer.echo(f"datastore {settings.datastore.path}: {_summary(manifest)}")
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, single-user cluster
+    import ray
+    from ray import serve as ray_serve
+
+    from ttserve.serving.app import build_app
+    from ttserve.serving.generator import served_model_name
+
+    ray.init(
+        include_dashboard=False, object_store_memory=256 * 2**20, configure_logging=False, log_to_driver=False
+    )
+    try:
+        ray_serve.start(http_options={"host": host, "port": port})
+        args = {"config": str(config.resolve()) if config else None}
+        ray_serve.run(build_app(args), name="ttserve", route_prefix="/", blocking=False)
+        url = f"http://{host}:{port}"
+        typer.echo(f"ttserve is serving {served_model_name(settings)} at {url}/v1 (Ctrl-C to stop)")
+        typer.echo(
+            f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d "
+            f'\'{{"model": "{served_model_name(settings)}", "messages": '
+            f'[{{"role": "user", "content": "def read_lines(path):"}}], "compute_budget": 8}}\''
+        )
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        typer.echo("shutting down")
+    finally:
+        ray_serve.shutdown()
+        ray.shutdown()
 
 
 def _stdin_prompts():
