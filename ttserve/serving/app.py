@@ -11,6 +11,7 @@ and `ttserve serve`. Resources and autoscaling below are defaults; configs/serve
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -104,6 +105,9 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     overrides = args.pop("overrides", None)
     if args:
         raise ValueError(f"unknown application args: {sorted(args)} (expected config, overrides)")
+    if config is not None and Path(config).is_file():
+        # Resolved where the builder runs (`serve run`'s working directory), so replicas find it too.
+        config = str(Path(config).resolve())
     retriever = RetrieverDeployment.bind(config, overrides)
     generator = GeneratorDeployment.bind(retriever, config, overrides)
     return Ingress.bind(generator, config, overrides)
