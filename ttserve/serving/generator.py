@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -261,27 +262,37 @@ class Generator:
     async def _train(self, texts: list[str], steps: int, directory: Path, deadline: float) -> dict[str, Any]:
         self._queued_trainings += 1
         self._queued_steps += steps
+        cancel = threading.Event()
+        loop = asyncio.get_running_loop()
+        work = loop.run_in_executor(
+            self._training, self._train_blocking, texts, steps, directory, deadline, cancel
+        )
         try:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(
-                self._training, self._train_blocking, texts, steps, directory, deadline
-            )
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            # The client went away. Stop the trainer at its next step and let it finish writing before the
+            # caller deletes the directory; the training thread is then free for the next request.
+            cancel.set()
+            await asyncio.wait([work])
+            raise
         finally:
             self._queued_trainings -= 1
             self._queued_steps -= steps
 
     def _train_blocking(
-        self, texts: list[str], steps: int, directory: Path, deadline: float
+        self, texts: list[str], steps: int, directory: Path, deadline: float, cancel: threading.Event
     ) -> dict[str, Any]:
+        if cancel.is_set():
+            raise TrainingSkipped("the request was cancelled before training started")
         if time.monotonic() >= deadline:
             raise TrainingSkipped("the deadline passed while the request waited for the trainer")
-        run = self.trainer.train(texts, steps, output_dir=directory, deadline=deadline)
+        run = self.trainer.train(texts, steps, output_dir=directory, deadline=deadline, cancel=cancel)
         if run.steps:
             per_step = run.seconds / run.steps
             previous = self._seconds_per_step
             self._seconds_per_step = per_step if previous is None else 0.8 * previous + 0.2 * per_step
-        if run.stopped == "deadline":
-            raise TrainingSkipped(f"training reached the deadline after {run.steps} of {steps} steps")
+        if run.stopped in ("deadline", "cancelled"):
+            raise TrainingSkipped(f"training stopped ({run.stopped}) after {run.steps} of {steps} steps")
         return {
             "steps": run.steps,
             "tokens": run.tokens,
