@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import os
 import shutil
 import threading
 from dataclasses import dataclass, field
@@ -437,3 +438,22 @@ def test_adapter_cache_trains_a_key_once_and_survives_a_failed_training(
     assert AdapterKey.of("m", [1, 2], TrainingConfig(), 2) != AdapterKey.of("m", [2, 1], TrainingConfig(), 2)
     assert _key(3).digest != AdapterKey.of("tiny", [3], TrainingConfig(seed=1), 3).digest
     bundle.run(cache.close())
+
+
+def test_scratch_space_left_by_a_killed_process_is_swept(tmp_path):
+    import subprocess
+    import sys
+
+    from ttserve.adapter_cache import scratch_directory
+
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    stale = tmp_path / f"ttserve-adapters-{int(dead.stdout)}-abc"
+    live = tmp_path / f"ttserve-adapters-{os.getpid()}-def"
+    other = tmp_path / "unrelated-1-x"
+    for directory in (stale, live, other):
+        (directory / "adapter-1").mkdir(parents=True)
+    fresh = scratch_directory(tmp_path)
+    assert not stale.exists() and live.exists() and other.exists()
+    assert fresh.is_dir() and fresh.name.startswith(f"ttserve-adapters-{os.getpid()}-")

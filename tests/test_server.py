@@ -356,20 +356,42 @@ def test_metrics_count_requests_and_training(running):
     )
 
 
-# --- the same API through Ray Serve ------------------------------------------------------------------------------
-def test_openai_client_through_ray_serve(server_settings):
-    """The real deployment graph (ingress -> generator -> retriever) on a local Ray cluster."""
-    import ray
-    from ray import serve
-
-    from ttserve.serving.app import build_app
+# --- the main job: `ttserve serve`, the same API through Ray Serve -------------------------------------------------
+def test_ttserve_serve_on_local_ray_until_ctrl_c(server_settings, tmp_path):
+    """The README's main command as a user runs it: local Ray, the real deployment graph (ingress ->
+    generator -> retriever), the official openai client, then Ctrl-C shuts everything down."""
+    import os
+    import signal
+    import subprocess
+    import sys
 
     port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 2**20, log_to_driver=False)
+    env = {
+        **os.environ,
+        "TTSERVE_MODEL__NAME_OR_PATH": server_settings.model.name_or_path,
+        "TTSERVE_MODEL__DEVICE": "cpu",
+        "TTSERVE_DATASTORE__PATH": str(server_settings.datastore.path),
+        "TTSERVE_RETRIEVAL__N": "8",
+        "TTSERVE_RETRIEVAL__K": "24",
+        "TTSERVE_TRAINING__LEARNING_RATE": "0.01",
+        "TTSERVE_SERVER__DEFAULT_COMPUTE_BUDGET": "0",
+        "TTSERVE_SERVER__MAX_COMPUTE_BUDGET": "64",
+        "TTSERVE_SERVER__SERVED_MODEL_NAME": "tiny-test",
+    }
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "ttserve", "serve", "--port", str(port)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        overrides = server_settings.model_dump(mode="json", exclude={"server": {"api_key"}})
-        serve.run(build_app({"overrides": overrides}), name="ttserve", route_prefix="/")
+        deadline = time.monotonic() + 600
+        while "is serving tiny-test at" not in log.read_text():
+            assert process.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "ttserve serve did not come up"
+            time.sleep(1)
         running = Running(f"http://127.0.0.1:{port}", None, server_settings, "tiny-test")
         base = chat(running, extra_body={"compute_budget": 0})
         assert ttt_of(base)["decision"] == "skipped"
@@ -391,8 +413,11 @@ def test_openai_client_through_ray_serve(server_settings):
         assert httpx.get(f"{running.url}/health").json() == {"status": "ok"}
         assert 'decision="trained"' in httpx.get(f"{running.url}/metrics").text
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        process.send_signal(signal.SIGINT)
+        code = process.wait(120)
+    assert code == 0, log.read_text()[-3000:]
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.1:{port}/health")
 
 
 def test_the_vllm_engine_behind_the_server_answers_like_the_transformers_engine(

@@ -12,8 +12,11 @@ Two requests that miss on the same key at once train once: the second waits for 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import hashlib
 import json
+import os
+import re
 import shutil
 import tempfile
 import time
@@ -81,6 +84,33 @@ class CacheStats:
     evictions: int = 0
 
 
+def scratch_directory(root: str | Path | None, prefix: str = "ttserve-adapters") -> Path:
+    """A private directory for this process under `root`, removed at exit.
+
+    The name carries the owner's pid, so directories left by a process that was killed (a Ray replica
+    is SIGKILLed when it does not stop in time) are swept the next time one is made: /dev/shm is memory.
+    """
+    root = Path(root) if root else default_scratch_root()
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(f"{prefix}-*-*"):
+        match = re.fullmatch(rf"{re.escape(prefix)}-(\d+)-.+", stale.name)
+        if match and not _alive(int(match.group(1))):
+            shutil.rmtree(stale, ignore_errors=True)
+    path = Path(tempfile.mkdtemp(prefix=f"{prefix}-{os.getpid()}-", dir=root))
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
 def default_scratch_root() -> Path:
     """/dev/shm (memory-backed, fast to write and read back) when usable, else the temp directory."""
     shm = Path("/dev/shm")
@@ -102,9 +132,7 @@ class AdapterCache:
         self.engine = engine
         self.max_adapters = max_adapters
         self.max_bytes = max_bytes
-        root = Path(scratch_dir) if scratch_dir else default_scratch_root()
-        root.mkdir(parents=True, exist_ok=True)
-        self.directory = Path(tempfile.mkdtemp(prefix="ttserve-adapters-", dir=root))
+        self.directory = scratch_directory(scratch_dir)
         self.stats = CacheStats()
         self._entries: OrderedDict[AdapterKey, _Entry] = OrderedDict()  # least recently used first
         self._inflight: dict[AdapterKey, asyncio.Future] = {}

@@ -83,13 +83,17 @@ class VLLMEngine(Engine):
             on_cpu if config.zero_adapter_for_base is None else config.zero_adapter_for_base
         )
         self._zero_request = None
-        self._zero_dir = Path(scratch_dir or "/tmp") / f"zero-adapter-{uuid.uuid4().hex[:8]}"
+        self._scratch_root = scratch_dir
+        self._zero_dir: Path | None = None
 
     async def start(self) -> VLLMEngine:
         """Load the zero adapter (when base traffic goes through it). Call once, from the serving loop."""
         from vllm.lora.request import LoRARequest
 
         if self.routes_base_through_zero_adapter and self._zero_request is None:
+            from ttserve.adapter_cache import scratch_directory
+
+            self._zero_dir = scratch_directory(self._scratch_root, prefix="ttserve-zero-adapter")
             write_zero_adapter(self.model_name, self._training, self._zero_dir)
             name, adapter_id = self._next_adapter_identity()
             self._zero_request = LoRARequest(f"{name}-zero", adapter_id, str(self._zero_dir))
@@ -239,7 +243,8 @@ class VLLMEngine(Engine):
 
     async def close(self) -> None:
         self.llm.shutdown()
-        shutil.rmtree(self._zero_dir, ignore_errors=True)
+        if self._zero_dir is not None:
+            shutil.rmtree(self._zero_dir, ignore_errors=True)
 
 
 def write_zero_adapter(model: str, training: TrainingConfig, directory: Path) -> Path:

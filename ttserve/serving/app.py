@@ -11,6 +11,7 @@ and `ttserve serve`. Resources and autoscaling below are defaults; configs/serve
 from __future__ import annotations
 
 import asyncio
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,12 @@ class GeneratorDeployment:
 
     def describe(self) -> dict[str, Any]:
         return self.generator.describe()
+
+    def __del__(self) -> None:
+        # Serve calls this on graceful shutdown: free the adapters' scratch space (memory, in /dev/shm).
+        cache = getattr(getattr(self, "generator", None), "cache", None)
+        if cache is not None:
+            shutil.rmtree(cache.directory, ignore_errors=True)
 
     async def check_health(self) -> None:
         if self.generator.engine is None:

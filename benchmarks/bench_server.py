@@ -1,0 +1,303 @@
+"""The whole server in one process against its engine: HTTP overhead at budget 0, and latency with training.
+
+    .venv/bin/python benchmarks/bench_server.py --json results/bench_server.json       # ~2 min
+    .venv/bin/python benchmarks/bench_server.py --repeats 2 --overhead-repeats 5        # smoke run
+    .venv/bin/python benchmarks/bench_server.py --engine vllm                           # vLLM engine
+
+The server is ttserve's in-process stack (`ttserve.serving.local.start_local`: FastAPI app, generator,
+SIFT retriever over the default standard-library datastore, the embedded default model on the CPU)
+under uvicorn on a local port, with the app and the engine on ONE event loop in a background thread. The
+client is the official `openai` package (one client, keep-alive), non-streaming `/v1/completions`,
+`max_tokens=32`, `temperature=0`. Prompts are the first lines of standard-library functions (two per
+module, modules in name order), so every request can have a prompt of its own.
+
+1. Overhead at budget 0 (`extra_body={"compute_budget": 0}`: no retrieval, no training). Server and
+   engine-direct requests alternate, in alternating order, with the server otherwise idle. Engine-direct
+   is `collect(engine.generate(prompt_ids, SamplingParams(max_tokens=32, temperature=0)))` on the
+   server's own engine and event loop, with the ids the server's tokenizer gives, submitted from the main
+   thread as the client's requests are. Both must produce the same number of tokens (asserted).
+   Goal: the server adds at most 10% (median).
+2. Latency with test-time training: `extra_body={"compute_budget": B, "ttt": {"mode": "always"}}` for
+   B = 8 and 32, each request with a prompt not used before, so each trains a fresh adapter (retrieval,
+   training, adapter load, generation). Right after each budget-32 request, the same prompt again: its
+   adapter comes from the cache ("adapter reused"). The ttt object's `decision` is counted per row, and
+   its `training_seconds`, `steps` and `retrieval_ms` are averaged. One untimed warm-up request per
+   budget first (it loads the embedder and builds the optimizer's state the first time).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vLLM's CPU backend needs it set
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+import argparse  # noqa: E402
+import ast  # noqa: E402
+import asyncio  # noqa: E402
+import collections  # noqa: E402
+import json  # noqa: E402
+import socket  # noqa: E402
+import statistics  # noqa: E402
+import sysconfig  # noqa: E402
+import textwrap  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from ttserve.config import EngineConfig, ModelConfig, ServerConfig, Settings  # noqa: E402
+from ttserve.engines import SamplingParams, collect  # noqa: E402
+
+MAX_TOKENS = 32
+MODEL_ID = "bench"
+
+
+def code_prompts(count: int, per_module: int = 2, lines: int = 3) -> list[str]:
+    """`count` distinct snippets: the first `lines` lines of public standard-library functions."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    prompts: list[str] = []
+    for path in sorted(root.glob("*.py")):
+        if path.name.startswith("_"):
+            continue
+        try:
+            source = path.read_text(encoding="utf-8")
+            tree = ast.parse(source)
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        source_lines = source.splitlines()
+        taken = 0
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.FunctionDef) or node.name.startswith("_"):
+                continue
+            snippet = textwrap.dedent("\n".join(source_lines[node.lineno - 1 : node.lineno - 1 + lines]))
+            if 40 <= len(snippet) <= 300 and snippet not in prompts:
+                prompts.append(snippet + "\n")
+                taken += 1
+                if len(prompts) == count:
+                    return prompts
+                if taken == per_module:
+                    break
+    raise ValueError(f"only {len(prompts)} prompts found, {count} needed")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LoopServer:
+    """One event loop in a background thread, holding the generator (and its engine) and uvicorn."""
+
+    def __init__(self, settings: Settings):
+        import uvicorn
+
+        from ttserve.serving.local import start_local
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="bench-server-loop", daemon=True)
+        self.thread.start()
+        app, self.generator = self.run(start_local(settings), timeout=600)
+        self.port = free_port()
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False)
+        )
+        self.serving = asyncio.run_coroutine_threadsafe(self.server.serve(), self.loop)
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or self.serving.done():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+
+    def run(self, coroutine, timeout: float = 300):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.serving.result(30)
+        engine = self.generator.engine
+        self.run(self.generator.close())
+        if hasattr(engine, "llm"):
+            # vLLM's AsyncLLM.__del__ shuts it down again at interpreter exit, when the globals it needs are
+            # gone (a TypeError traceback). close() did shut it down: make the second time a no-op.
+            engine.llm.shutdown = lambda timeout=None: None
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+def stats_ms(seconds: list[float]) -> dict[str, float]:
+    return {
+        "median_ms": 1e3 * statistics.median(seconds),
+        "p90_ms": 1e3 * float(np.percentile(seconds, 90)),
+        "n": len(seconds),
+    }
+
+
+def complete(client, prompt: str, extra_body: dict):
+    started = time.perf_counter()
+    response = client.completions.create(
+        model=MODEL_ID, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, extra_body=extra_body
+    )
+    return time.perf_counter() - started, response
+
+
+def overhead(server: LoopServer, client, prompts: list[str], repeats: int) -> dict:
+    engine = server.generator.engine
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
+
+    def direct(prompt: str):
+        ids = engine.encode(prompt)
+        started = time.perf_counter()
+        whole = server.run(collect(engine.generate(ids, params)))
+        return time.perf_counter() - started, whole.usage.completion_tokens
+
+    def via_server(prompt: str):
+        seconds, response = complete(client, prompt, {"compute_budget": 0})
+        ttt = response.model_extra["ttt"]
+        assert ttt["decision"] == "skipped" and ttt["steps"] == 0, ttt
+        return seconds, response.usage.completion_tokens
+
+    for prompt in prompts:  # warm-up, and the token counts must agree
+        assert direct(prompt)[1] == via_server(prompt)[1], "server and engine produced different lengths"
+    times: dict[str, list[float]] = {"server": [], "direct": []}
+    tokens: list[int] = []
+    for i in range(repeats):
+        prompt = prompts[i % len(prompts)]
+        for side in ("server", "direct") if i % 2 == 0 else ("direct", "server"):
+            seconds, produced = via_server(prompt) if side == "server" else direct(prompt)
+            times[side].append(seconds)
+            tokens.append(produced)
+    server_stats, direct_stats = stats_ms(times["server"]), stats_ms(times["direct"])
+    return {
+        "server": server_stats,
+        "direct": direct_stats,
+        "overhead_pct": 100 * (server_stats["median_ms"] / direct_stats["median_ms"] - 1),
+        "overhead_p90_pct": 100 * (server_stats["p90_ms"] / direct_stats["p90_ms"] - 1),
+        "mean_completion_tokens": statistics.mean(tokens),
+        "raw_s": times,
+    }
+
+
+def training_rows(client, prompts: list[str], budgets: list[int], repeats: int) -> list[dict]:
+    fresh = iter(prompts)
+    for budget in budgets:  # warm-up
+        complete(client, next(fresh), {"compute_budget": budget, "ttt": {"mode": "always"}})
+    runs: dict[str, list[tuple[float, dict]]] = collections.defaultdict(list)
+    for _ in range(repeats):
+        for budget in budgets:
+            prompt = next(fresh)
+            body = {"compute_budget": budget, "ttt": {"mode": "always"}}
+            seconds, response = complete(client, prompt, body)
+            runs[f"budget {budget}, new prompt"].append((seconds, response.model_extra["ttt"]))
+            print(f"# budget {budget}, new prompt: {seconds:.2f} s", flush=True)
+            if budget == max(budgets):
+                seconds, response = complete(client, prompt, body)
+                runs[f"budget {budget}, same prompt again (adapter reused)"].append(
+                    (seconds, response.model_extra["ttt"])
+                )
+                print(f"# budget {budget}, same prompt again: {seconds:.2f} s", flush=True)
+    rows = []
+    for label, results in runs.items():
+        ttts = [ttt for _, ttt in results]
+        rows.append(
+            {
+                "row": label,
+                **stats_ms([seconds for seconds, _ in results]),
+                "decisions": dict(collections.Counter(t["decision"] for t in ttts)),
+                "mean_steps": statistics.mean(t["steps"] for t in ttts),
+                "mean_training_s": statistics.mean(t["training_seconds"] for t in ttts),
+                "mean_retrieval_ms": statistics.mean(t["retrieval_ms"] for t in ttts),
+                "mean_training_tokens": statistics.mean(t["training_tokens"] for t in ttts),
+            }
+        )
+    return rows
+
+
+def report(results: dict, args) -> None:
+    o = results["overhead"]
+    print(
+        f"\n{results['engine']} engine, model {results['model']}, non-streaming /v1/completions, "
+        f"max_tokens {MAX_TOKENS}, greedy; {o['mean_completion_tokens']:.1f} tokens per answer on average"
+    )
+    print(f"\nBudget 0, {args.overhead_repeats} requests each side, alternating")
+    print("\n| path | median ms | p90 ms |")
+    print("|---|---:|---:|")
+    print(
+        f"| engine direct (`collect(engine.generate(...))`) | {o['direct']['median_ms']:.1f} | {o['direct']['p90_ms']:.1f} |"
+    )
+    print(
+        f"| HTTP: openai client -> uvicorn -> FastAPI -> generator -> engine | {o['server']['median_ms']:.1f} | {o['server']['p90_ms']:.1f} |"
+    )
+    print(
+        f"| server overhead (goal: at most +10%) | {o['overhead_pct']:+.1f}% | {o['overhead_p90_pct']:+.1f}% |"
+    )
+    print(f"\nWith test-time training (ttt mode always), {args.repeats} requests per row")
+    print(
+        "\n| request | median ms | p90 ms | decisions | mean steps | mean training_seconds | mean retrieval ms |"
+    )
+    print("|---|---:|---:|---|---:|---:|---:|")
+    for r in results["training"]:
+        decisions = ", ".join(f"{k} {v}" for k, v in sorted(r["decisions"].items()))
+        print(
+            f"| {r['row']} | {r['median_ms']:.0f} | {r['p90_ms']:.0f} | {decisions} | {r['mean_steps']:.1f} | "
+            f"{r['mean_training_s']:.2f} | {r['mean_retrieval_ms']:.1f} |"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default=None, help="model directory (default: the embedded default)")
+    parser.add_argument("--engine", choices=["transformers", "vllm"], default="transformers")
+    parser.add_argument("--repeats", type=int, default=10, help="requests per row with training")
+    parser.add_argument("--overhead-repeats", type=int, default=50, help="budget-0 requests per side")
+    parser.add_argument("--budgets", default="8,32", help="comma-separated compute budgets to train with")
+    parser.add_argument("--json", metavar="PATH", help="also write all results as JSON")
+    args = parser.parse_args()
+    budgets = sorted({int(b) for b in args.budgets.split(",")})
+    if args.repeats < 1 or args.overhead_repeats < 1 or min(budgets) < 1:
+        parser.error("--repeats and --overhead-repeats must be >= 1; budgets >= 1")
+
+    import openai
+
+    from ttserve.datastore.local_corpus import ensure_datastore
+
+    settings = Settings(
+        model=ModelConfig(name_or_path=args.model, device="cpu"),
+        engine=EngineConfig(kind=args.engine),
+        server=ServerConfig(
+            served_model_name=MODEL_ID, default_compute_budget=0, max_compute_budget=max(budgets)
+        ),
+    )
+    ensure_datastore(settings)
+    prompts = code_prompts(4 + len(budgets) * (args.repeats + 1))
+    server = LoopServer(settings)
+    try:
+        client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=600)
+        results = {
+            "engine": args.engine,
+            "model": server.generator.trainer.base_name,
+            "overhead": overhead(server, client, prompts[:4], args.overhead_repeats),
+        }
+        print(f"# overhead {results['overhead']['overhead_pct']:+.1f}%", flush=True)
+        results["training"] = training_rows(client, prompts[4:], budgets, args.repeats)
+        client.close()
+    finally:
+        server.close()
+    report(results, args)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"config": vars(args), "results": results}, f, indent=2)
+        print(f"# wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
