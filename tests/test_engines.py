@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import os
 import shutil
 import threading
@@ -457,3 +458,64 @@ def test_scratch_space_left_by_a_killed_process_is_swept(tmp_path):
     fresh = scratch_directory(tmp_path)
     assert not stale.exists() and live.exists() and other.exists()
     assert fresh.is_dir() and fresh.name.startswith(f"ttserve-adapters-{os.getpid()}-")
+
+
+def test_vllm_base_traffic_alone_skips_the_zero_adapter(vllm_bundle):
+    engine = vllm_bundle.engine
+    if not engine.routes_base_through_zero_adapter:
+        pytest.skip("the guard is off (GPU)")
+    before = dataclasses.replace(engine.gate.stats)
+
+    async def base_only():
+        return await asyncio.gather(*(collect(engine.generate(vllm_bundle.ids(p), GREEDY)) for p in PROMPTS))
+
+    vllm_bundle.run(base_only())
+    assert engine.gate.stats.plain - before.plain == len(PROMPTS)
+    assert engine.gate.stats.zero_adapter == before.zero_adapter
+    pairs = mixed_requests(vllm_bundle, [None, "A"])
+    assert all(alone == together for alone, together, _ in pairs)
+    stats = engine.gate.stats
+    assert stats.zero_adapter > before.zero_adapter and stats.waited > before.waited  # both paths ran
+    assert engine.gate.plain_in_flight == engine.gate.lora_in_flight == engine.gate.lora_waiting == 0
+
+
+def test_lora_gate_never_admits_plain_base_and_lora_requests_together():
+    from ttserve.engines.lora_gate import LoRAGate
+
+    gate = LoRAGate()
+    inside = {"plain": 0, "lora": 0}
+    violations = []
+
+    async def base(hold: float):
+        async with gate.base() as zero:
+            kind = "lora" if zero else "plain"
+            inside[kind] += 1
+            if inside["plain"] and inside["lora"]:
+                violations.append(dict(inside))
+            await asyncio.sleep(hold)
+            inside[kind] -= 1
+        return zero
+
+    async def adapted(hold: float):
+        async with gate.adapted():
+            inside["lora"] += 1
+            if inside["plain"]:
+                violations.append(dict(inside))
+            await asyncio.sleep(hold)
+            inside["lora"] -= 1
+
+    async def scenario():
+        first = [asyncio.create_task(base(0.05)) for _ in range(3)]  # plain: nothing else is in flight
+        await asyncio.sleep(0.01)
+        lora = asyncio.create_task(adapted(0.02))  # waits for the three plain requests
+        await asyncio.sleep(0.01)
+        later = [asyncio.create_task(base(0.01)) for _ in range(3)]  # a LoRA request waits: zero adapter
+        await lora
+        zeros = await asyncio.gather(*first, *later)
+        after = await base(0)  # all quiet again: plain
+        return zeros, after
+
+    zeros, after = asyncio.run(scenario())
+    assert not violations
+    assert zeros == [False] * 3 + [True] * 3 and after is False
+    assert gate.stats.waited == 4 and gate.stats.plain == 4 and gate.stats.zero_adapter == 3

@@ -8,10 +8,12 @@ caller removes it: vLLM may reload an adapter from disk after evicting it from i
 Base requests on CPU: vLLM's CPU LoRA ops index the stacked LoRA weights with each token's slot, and a
 base request's slot is -1, which Python indexing turns into the LAST slot. A base request batched with
 LoRA requests therefore runs with whichever adapter sits in the last slot. The fix here makes that
-impossible rather than unlikely: base requests are sent through an all-zero adapter, so every request in
-every batch names a real slot. The zero adapter takes a slot of `max_loras` when base requests run, and adds the
-LoRA matmuls (on zeros) to base requests; on GPU it is off by default, since the GPU kernels treat -1 as
-"no LoRA".
+impossible rather than unlikely: while LoRA requests are in vLLM, base requests are sent through an
+all-zero adapter, so every request in every batch names a real slot; while none are, base requests run
+plain (a batch of base requests alone skips the LoRA ops), and a LoRA request waits for those plain base
+requests to finish (lora_gate.py). The zero adapter takes a slot of `max_loras` and adds the LoRA matmuls
+(on zeros) to the base requests that use it. On GPU all this is off by default: the GPU kernels treat -1
+as "no LoRA".
 
 Sharing one GPU with the trainer: vLLM takes `gpu_memory_utilization` of the GPU for its weights and KV
 cache; the trainer holds a second (transformers) copy of the base weights plus activations and optimizer
@@ -23,6 +25,7 @@ from __future__ import annotations
 import shutil
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from ttserve.config import EngineConfig, TrainingConfig
@@ -36,6 +39,7 @@ from ttserve.engines.base import (
     Usage,
     directory_bytes,
 )
+from ttserve.engines.lora_gate import LoRAGate
 
 
 class VLLMEngine(Engine):
@@ -82,6 +86,7 @@ class VLLMEngine(Engine):
         self.routes_base_through_zero_adapter = (
             on_cpu if config.zero_adapter_for_base is None else config.zero_adapter_for_base
         )
+        self.gate = LoRAGate()
         self._zero_request = None
         self._scratch_root = scratch_dir
         self._zero_dir: Path | None = None
@@ -131,13 +136,27 @@ class VLLMEngine(Engine):
             ids.discard(self._zero_request.lora_int_id)
         return ids
 
-    def _lora_request(self, adapter: Adapter | None):
-        if adapter is None:
-            return self._zero_request if self.routes_base_through_zero_adapter else None
+    def _lora_request(self, adapter: Adapter):
         request = self._requests.get(adapter.name)
         if request is None:
             raise KeyError(f"adapter {adapter.name} is not loaded")
         return request
+
+    @asynccontextmanager
+    async def _admitted(self, adapter: Adapter | None) -> AsyncIterator[object | None]:
+        """The LoRARequest to send (None: plain base), held for as long as the request is in vLLM."""
+        if adapter is not None:
+            request = self._lora_request(adapter)
+            if not self.routes_base_through_zero_adapter:
+                yield request
+                return
+            async with self.gate.adapted():
+                yield request
+        elif not self.routes_base_through_zero_adapter:
+            yield None
+        else:
+            async with self.gate.base() as through_zero_adapter:
+                yield self._zero_request if through_zero_adapter else None
 
     # --- the model ----------------------------------------------------------------------------------
     def _sampling_params(self, params: SamplingParams, max_tokens: int, **extra):
@@ -168,33 +187,40 @@ class VLLMEngine(Engine):
         from vllm.sampling_params import RequestOutputKind
 
         self.check_context(prompt_ids)
-        lora = self._lora_request(adapter)
+        if adapter is not None:
+            self._lora_request(adapter)  # an unknown adapter fails before anything is queued
         max_tokens = min(params.max_tokens, self.max_model_len - len(prompt_ids))
         if max_tokens == 0:  # vLLM needs at least one token; nothing to generate is an answer too
             yield GenerationChunk(finish_reason="length", usage=Usage(len(prompt_ids), 0))
             return
         sampling = self._sampling_params(params, max_tokens, output_kind=RequestOutputKind.DELTA)
         produced = 0
-        stream = self.llm.generate(
-            TokensPrompt(prompt_token_ids=list(prompt_ids)),
-            sampling,
-            request_id or uuid.uuid4().hex,
-            lora_request=lora,
-        )
-        async for output in stream:
-            completion = output.outputs[0]
-            produced += len(completion.token_ids)
-            chunk = GenerationChunk(
-                text=completion.text,
-                token_ids=list(completion.token_ids),
-                logprobs=self._token_logprobs(completion.token_ids, completion.logprobs, params.logprobs),
+        async with self._admitted(adapter) as lora:
+            stream = self.llm.generate(
+                TokensPrompt(prompt_token_ids=list(prompt_ids)),
+                sampling,
+                request_id or uuid.uuid4().hex,
+                lora_request=lora,
             )
-            if output.finished:
-                chunk.finish_reason = completion.finish_reason or "stop"
-                chunk.usage = Usage(len(prompt_ids), produced)
-            yield chunk
-            if output.finished:
-                return
+            try:
+                async for output in stream:
+                    completion = output.outputs[0]
+                    produced += len(completion.token_ids)
+                    chunk = GenerationChunk(
+                        text=completion.text,
+                        token_ids=list(completion.token_ids),
+                        logprobs=self._token_logprobs(
+                            completion.token_ids, completion.logprobs, params.logprobs
+                        ),
+                    )
+                    if output.finished:
+                        chunk.finish_reason = completion.finish_reason or "stop"
+                        chunk.usage = Usage(len(prompt_ids), produced)
+                    yield chunk
+                    if output.finished:
+                        return
+            finally:
+                await stream.aclose()  # aborts the request in vLLM before the gate lets others in
 
     def _token_logprobs(self, token_ids, positions, k: int | None) -> list[TokenLogprob]:
         if k is None or not positions:
@@ -226,13 +252,13 @@ class VLLMEngine(Engine):
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
         final = None
-        async for output in self.llm.generate(
-            TokensPrompt(prompt_token_ids=ids),
-            sampling,
-            uuid.uuid4().hex,
-            lora_request=self._lora_request(adapter),
-        ):
-            final = output
+        if adapter is not None:
+            self._lora_request(adapter)
+        async with self._admitted(adapter) as lora:
+            async for output in self.llm.generate(
+                TokensPrompt(prompt_token_ids=ids), sampling, uuid.uuid4().hex, lora_request=lora
+            ):
+                final = output
         positions = final.prompt_logprobs
         logprobs: list[float | None] = [None]
         top: list = [None]
