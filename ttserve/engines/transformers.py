@@ -1,10 +1,15 @@
 """The transformers + PEFT engine: the embedded default, for small models and CPU hosts.
 
 It serves from the trainer's own PEFT-wrapped model, so the base weights exist once in memory. Adapters are
-loaded into that model under their own names, and every forward pass names its adapter explicitly through
-PEFT's per-call `adapter_names` (`"__base__"` for the base model). No global "active adapter" is switched,
-so a request can only ever run with the adapter it asked for, and the adapter being trained ("default") is
-never used for inference.
+loaded into that model under their own names. Each inference forward pass routes every LoRA layer to the
+request's adapter (or switches the layers off for the base model) and routes them back to the adapter
+being trained ("default") before it lets go of the model lock, so a request only ever runs with the
+adapter it asked for and the adapter being trained is never used for inference.
+
+Why not PEFT's per-call `adapter_names`: it walks every module of the model on each forward pass to
+install hooks, and the module count grows with each loaded adapter. Routing the LoRA layers directly
+costs the same whatever the cache holds. PEFT's `set_adapter` is not used either: it also flips
+`requires_grad` on the parameters the trainer optimises.
 
 Concurrency: each request decodes in its own worker thread; every forward pass (and every training step)
 holds the trainer's `forward_lock`, so requests and training interleave token by token and never overlap.
@@ -22,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from ttserve.engines.base import (
     Adapter,
@@ -35,7 +41,7 @@ from ttserve.engines.base import (
 )
 from ttserve.training import TestTimeTrainer
 
-BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter forward
+BASE = "__base__"  # the base model: every LoRA layer switched off
 
 
 class TransformersEngine(Engine):
@@ -48,6 +54,11 @@ class TransformersEngine(Engine):
         self.device = trainer.device
         self.max_model_len = min(max_model_len or trainer.loaded.max_length, trainer.loaded.max_length)
         self._lock = trainer.forward_lock
+        # The LoRA layers, found once: adding an adapter adds entries inside these same layers.
+        self._lora_layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+        self._training_route = [
+            (layer._active_adapter, layer._disable_adapters) for layer in self._lora_layers
+        ]
         self._executor = ThreadPoolExecutor(max_concurrency, thread_name_prefix="ttserve-generate")
         self._adapters: dict[str, Adapter] = {}
         eos = trainer.loaded.model.generation_config.eos_token_id
@@ -94,10 +105,24 @@ class TransformersEngine(Engine):
     def _forward(self, input_ids: list[int], adapter_name: str, past=None):
         ids = torch.tensor([input_ids], device=self.device)
         with self._lock, torch.inference_mode():
-            out = self.model(
-                input_ids=ids, past_key_values=past, use_cache=True, adapter_names=[adapter_name]
-            )
+            self._route(adapter_name)
+            try:
+                out = self.model.get_base_model()(input_ids=ids, past_key_values=past, use_cache=True)
+            finally:
+                self._route_back()
         return out.logits[0].float(), out.past_key_values
+
+    def _route(self, adapter_name: str) -> None:
+        """Point every LoRA layer at one adapter, or switch them off for the base model (lock held)."""
+        base = adapter_name == BASE
+        for layer in self._lora_layers:
+            layer._disable_adapters = base
+            if not base:
+                layer._active_adapter = [adapter_name]
+
+    def _route_back(self) -> None:
+        for layer, (active, disabled) in zip(self._lora_layers, self._training_route, strict=True):
+            layer._active_adapter, layer._disable_adapters = active, disabled
 
     async def score(
         self, prompt_ids: Sequence[int], adapter: Adapter | None = None, top_logprobs: int = 0
