@@ -60,6 +60,8 @@ class Backend(Protocol):
 
     def stream(self, request: GenerateRequest) -> AsyncIterator[Started | GenerationChunk]: ...
 
+    async def complete(self, request: GenerateRequest) -> tuple[Started, GenerationChunk]: ...
+
 
 def error_response(error: APIError) -> JSONResponse:
     return JSONResponse(error.response().model_dump(mode="json"), status_code=error.status_code)
@@ -190,11 +192,11 @@ def build_api(backend: Backend, settings: Settings) -> FastAPI:
         request = _generate_request(
             body, messages=body.chat_messages(), max_tokens=body.max_new_tokens, logprobs=logprobs
         )
-        events, started = await _start(backend, request)
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
+            events, started = await _start(backend, request)
             return _sse(_chat_stream(response_id, body, events, started, metrics))
-        whole = await _collect(events, started, metrics, "chat")
+        started, whole = await _complete(backend, request, metrics)
         choice = ChatCompletionChoice(
             message=ChatResponseMessage(content=whole.text),
             logprobs=ChatLogprobs(content=[_chat_logprob(e) for e in whole.logprobs])
@@ -216,12 +218,13 @@ def build_api(backend: Backend, settings: Settings) -> FastAPI:
             logprobs=body.logprobs,
             prompt_logprobs=body.logprobs if body.echo and body.logprobs is not None else None,
         )
-        events, started = await _start(backend, request)
         response_id = f"cmpl-{uuid.uuid4().hex}"
-        echo = _echo(body, started) if body.echo else None
         if body.stream:
+            events, started = await _start(backend, request)
+            echo = _echo(body, started) if body.echo else None
             return _sse(_completion_stream(response_id, body, events, started, echo, metrics))
-        whole = await _collect(events, started, metrics, "completions")
+        started, whole = await _complete(backend, request, metrics)
+        echo = _echo(body, started) if body.echo else None
         text, logprobs = (
             whole.text,
             _completion_logprobs(whole.logprobs) if body.logprobs is not None else None,
@@ -272,24 +275,14 @@ async def _start(backend: Backend, request: GenerateRequest):
     return events, started
 
 
-async def _collect(events, started: Started, metrics: Metrics, endpoint: str) -> GenerationChunk:
-    whole = GenerationChunk()
-    first = True
-    begun = time.perf_counter()
+async def _complete(backend: Backend, request: GenerateRequest, metrics: Metrics):
+    """A non-streamed answer in one call to the backend (one Ray round trip, not one per token)."""
     try:
-        async for chunk in events:
-            if first and chunk.text:
-                metrics.first_token.labels(endpoint).observe(time.perf_counter() - begun)
-                first = False
-            whole.text += chunk.text
-            whole.logprobs += chunk.logprobs
-            whole.token_ids += chunk.token_ids
-            whole.finish_reason = chunk.finish_reason or whole.finish_reason
-            whole.usage = chunk.usage or whole.usage
+        started, whole = await backend.complete(request)
     except Exception as error:  # noqa: BLE001
         raise as_api_error(error) from None
     _record(metrics, started, whole)
-    return whole
+    return started, whole
 
 
 def _record(metrics: Metrics, started: Started, final: GenerationChunk) -> None:

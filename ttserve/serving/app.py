@@ -56,6 +56,9 @@ class GeneratorDeployment:
         async for event in self.generator.stream(request):
             yield event
 
+    async def complete(self, request: GenerateRequest) -> tuple:
+        return await self.generator.complete(request)
+
     def describe(self) -> dict[str, Any]:
         return self.generator.describe()
 
@@ -74,12 +77,16 @@ class HandleBackend:
     """The API's backend: the generator deployment, streamed through its handle."""
 
     def __init__(self, generator: DeploymentHandle, model_id: str):
-        self.handle = generator.options(stream=True)
+        self.handle = generator
+        self.streaming = generator.options(stream=True)
         self.model_id = model_id
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator:
-        async for event in self.handle.stream.remote(request):
+        async for event in self.streaming.stream.remote(request):
             yield event
+
+    async def complete(self, request: GenerateRequest) -> tuple:
+        return await self.handle.complete.remote(request)
 
 
 @serve.deployment(

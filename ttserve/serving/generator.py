@@ -24,7 +24,14 @@ from typing import Any, Literal
 
 from ttserve.adapter_cache import AdapterCache, AdapterKey, AdapterLease
 from ttserve.config import Settings
-from ttserve.engines import ContextLengthError, Engine, GenerationChunk, PromptScores, SamplingParams
+from ttserve.engines import (
+    ContextLengthError,
+    Engine,
+    GenerationChunk,
+    PromptScores,
+    SamplingParams,
+    collect,
+)
 from ttserve.engines import start_engine as start_configured_engine
 from ttserve.lm import load_model
 from ttserve.policy import load_gain_model, plan
@@ -145,6 +152,13 @@ class Generator:
         finally:
             if lease is not None:
                 await lease.release()
+
+    async def complete(self, request: GenerateRequest) -> tuple[Started, GenerationChunk]:
+        """The whole answer at once: for non-streamed responses, one round trip through a Ray handle
+        instead of one per token."""
+        events = self.stream(request)
+        started = await anext(events)
+        return started, await collect(events)
 
     def _tokenize(self, request: GenerateRequest) -> tuple[list[int], str]:
         """The prompt's token ids and the text retrieval searches with."""

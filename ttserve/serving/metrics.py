@@ -25,7 +25,7 @@ class Metrics:
             registry=r,
         )
         self.first_token = Histogram(
-            "ttserve_time_to_first_token_seconds", "latency to the first generated text", ["endpoint"],
+            "ttserve_time_to_first_token_seconds", "streamed responses: latency to the first text", ["endpoint"],
             buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.in_flight = Gauge("ttserve_requests_in_flight", "requests being answered", registry=r)
