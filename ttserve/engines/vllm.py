@@ -269,6 +269,9 @@ class VLLMEngine(Engine):
 
     async def close(self) -> None:
         self.llm.shutdown()
+        # AsyncLLM.__del__ shuts down again at interpreter exit, after the module globals it needs are gone,
+        # and prints a TypeError traceback; it is shut down already, so make that call a no-op.
+        self.llm.shutdown = lambda *args, **kwargs: None
         if self._zero_dir is not None:
             shutil.rmtree(self._zero_dir, ignore_errors=True)
 
