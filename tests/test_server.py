@@ -258,8 +258,10 @@ def test_the_server_serves_correctly_after_bad_input(running):
     assert httpx.get(f"{running.url}/v1/nothing-here").status_code == 404
 
 
-def test_auth_size_limit_and_concurrency_limit(running, loop_thread):
+def test_auth_size_limit_and_concurrency_limit(running, monkeypatch):
     """A second API over the same generator, with an API key, a small body limit and one request at a time."""
+    import threading
+
     from ttserve.serving.api import build_api
 
     server_config = running.settings.server.model_copy(
@@ -267,6 +269,16 @@ def test_auth_size_limit_and_concurrency_limit(running, loop_thread):
     )
     settings = running.settings.model_copy(update={"server": server_config})
     server = ServerThread(build_api(running.generator, settings))
+    # The real trainer, held at its start until the checks below are done, so "while it trains" is a fact
+    # of the test rather than a race against the trainer's speed.
+    release = threading.Event()
+    real_train = running.generator.trainer.train
+
+    def held_train(*args, **kwargs):
+        assert release.wait(60)
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(running.generator.trainer, "train", held_train)
     try:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
@@ -278,21 +290,26 @@ def test_auth_size_limit_and_concurrency_limit(running, loop_thread):
             client.completions.create(model="tiny-test", prompt="x" * 5000)
         assert too_large.value.status_code == 413
 
-        def slow():  # trains for a while
+        def training_request():
             return client.completions.create(
-                model="tiny-test", prompt=CODE_PROMPT, max_tokens=4,
-                extra_body={"compute_budget": 24, "ttt": {"mode": "always", "n": 24}},
+                model="tiny-test", prompt="class Registry:\n    def register(self):", max_tokens=4,
+                extra_body={"compute_budget": 3, "ttt": {"mode": "always"}},
             )  # fmt: skip
 
         with ThreadPoolExecutor(1) as pool:
-            training = pool.submit(slow)
-            time.sleep(0.5)
+            training = pool.submit(training_request)
+            deadline = time.monotonic() + 60
+            while running.generator._queued_trainings == 0:  # admitted and held in the trainer
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
             with pytest.raises(openai.RateLimitError):
                 client.completions.create(model="tiny-test", prompt="x", max_tokens=1)
             health = httpx.get(f"{server.url}/health")  # answered while the generator trains
             assert health.status_code == 200 and not training.done()
+            release.set()
             assert ttt_of(training.result())["trained"]
     finally:
+        release.set()
         server.stop()
 
 
