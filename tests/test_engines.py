@@ -519,3 +519,14 @@ def test_lora_gate_never_admits_plain_base_and_lora_requests_together():
     assert not violations
     assert zeros == [False] * 3 + [True] * 3 and after is False
     assert gate.stats.waited == 4 and gate.stats.plain == 4 and gate.stats.zero_adapter == 3
+
+
+def test_a_text_prompt_is_encoded_like_its_ids(bundle):
+    text = PROMPTS[2]
+    from_text = bundle.run(collect(bundle.engine.generate(text, GREEDY)))
+    from_ids = bundle.generate(bundle.ids(text))
+    assert from_text.token_ids == from_ids.token_ids and from_text.usage == from_ids.usage
+    assert (
+        bundle.run(bundle.engine.score(text)).logprobs
+        == bundle.run(bundle.engine.score(bundle.ids(text))).logprobs
+    )

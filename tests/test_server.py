@@ -508,3 +508,20 @@ def test_a_cancelled_request_stops_its_training_and_leaves_nothing_behind(runnin
         running, content="class Registry:", extra_body={"compute_budget": 2, "ttt": {"mode": "always"}}
     )
     assert ttt_of(again)["decision"] == "trained"  # the trainer is free
+
+
+def test_chat_needs_a_chat_template_and_requests_wait_for_the_model(running, monkeypatch):
+    engine = running.generator.engine
+    monkeypatch.setattr(engine.tokenizer, "chat_template", None)
+    response = httpx.post(
+        f"{running.url}/v1/chat/completions",
+        json={"model": "tiny-test", "messages": [{"role": "user", "content": "hi"}]},
+    )
+    assert response.status_code == 422 and "chat template" in response.json()["error"]["message"]
+    monkeypatch.undo()
+    monkeypatch.setattr(running.generator, "engine", None)  # as while the replica is still loading
+    with pytest.raises(openai.APIStatusError) as loading:
+        chat(running)
+    assert loading.value.status_code == 503
+    monkeypatch.undo()
+    assert chat(running, extra_body={"compute_budget": 0}).choices[0].message.content

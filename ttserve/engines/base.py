@@ -3,7 +3,8 @@
 An engine answers with the base model or with one adapter named by the request. It streams text deltas with
 a final usage record, scores prompts (per-token logprobs, for OpenAI `echo` + `logprobs` and for bits per
 byte), and loads/unloads adapters. Prompts are token ids: the server tokenizes once (to count tokens and
-check the context) with `encode` / `encode_chat`, so both engines see exactly the same ids.
+check the context) with `encode` / `encode_chat`, so both engines see exactly the same ids; a text prompt
+is encoded the same way.
 """
 
 from __future__ import annotations
@@ -125,6 +126,10 @@ class Engine(abc.ABC):
         text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def prompt_ids(self, prompt: str | Sequence[int]) -> list[int]:
+        """Token ids as given, or a text prompt encoded (with the tokenizer's special tokens)."""
+        return self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
 
@@ -139,16 +144,16 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def generate(
         self,
-        prompt_ids: Sequence[int],
+        prompt: str | Sequence[int],
         params: SamplingParams,
         adapter: Adapter | None = None,
         request_id: str | None = None,
     ) -> AsyncIterator[GenerationChunk]:
-        """Stream the completion of `prompt_ids`; the last chunk has finish_reason and usage."""
+        """Stream the completion of `prompt` (text or token ids); the last chunk has finish_reason and usage."""
 
     @abc.abstractmethod
     async def score(
-        self, prompt_ids: Sequence[int], adapter: Adapter | None = None, top_logprobs: int = 0
+        self, prompt: str | Sequence[int], adapter: Adapter | None = None, top_logprobs: int = 0
     ) -> PromptScores:
         """Per-token logprobs of the prompt itself."""
 

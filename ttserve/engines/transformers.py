@@ -125,8 +125,9 @@ class TransformersEngine(Engine):
             layer._active_adapter, layer._disable_adapters = active, disabled
 
     async def score(
-        self, prompt_ids: Sequence[int], adapter: Adapter | None = None, top_logprobs: int = 0
+        self, prompt: str | Sequence[int], adapter: Adapter | None = None, top_logprobs: int = 0
     ) -> PromptScores:
+        prompt_ids = self.prompt_ids(prompt)
         self.check_context(prompt_ids)
         ids = list(prompt_ids)
         name = self._adapter_name(adapter)
@@ -158,11 +159,12 @@ class TransformersEngine(Engine):
 
     async def generate(
         self,
-        prompt_ids: Sequence[int],
+        prompt: str | Sequence[int],
         params: SamplingParams,
         adapter: Adapter | None = None,
         request_id: str | None = None,
     ) -> AsyncIterator[GenerationChunk]:
+        prompt_ids = self.prompt_ids(prompt)
         self.check_context(prompt_ids)
         name = self._adapter_name(adapter)
         loop = asyncio.get_running_loop()

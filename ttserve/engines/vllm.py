@@ -178,7 +178,7 @@ class VLLMEngine(Engine):
 
     async def generate(
         self,
-        prompt_ids: Sequence[int],
+        prompt: str | Sequence[int],
         params: SamplingParams,
         adapter: Adapter | None = None,
         request_id: str | None = None,
@@ -186,6 +186,7 @@ class VLLMEngine(Engine):
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
+        prompt_ids = self.prompt_ids(prompt)
         self.check_context(prompt_ids)
         if adapter is not None:
             self._lora_request(adapter)  # an unknown adapter fails before anything is queued
@@ -238,11 +239,12 @@ class VLLMEngine(Engine):
         return self.tokenizer.decode([token_id])
 
     async def score(
-        self, prompt_ids: Sequence[int], adapter: Adapter | None = None, top_logprobs: int = 0
+        self, prompt: str | Sequence[int], adapter: Adapter | None = None, top_logprobs: int = 0
     ) -> PromptScores:
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
+        prompt_ids = self.prompt_ids(prompt)
         self.check_context(prompt_ids)
         ids = list(prompt_ids)
         sampling = self._sampling_params(
