@@ -530,3 +530,21 @@ def test_a_text_prompt_is_encoded_like_its_ids(bundle):
         bundle.run(bundle.engine.score(text)).logprobs
         == bundle.run(bundle.engine.score(bundle.ids(text))).logprobs
     )
+
+
+def test_incremental_detokenization_equals_decoding_everything(tiny_model_dir):
+    import random
+
+    from transformers import AutoTokenizer
+
+    from ttserve.engines.transformers import IncrementalDetokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    texts = ["héllo wörld ✓ 日本語 — naïve café\n\tdef f(x):  return x  # ok", "  spaces   and\n\nnewlines  "]
+    rng = random.Random(0)
+    sequences = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    sequences += [[rng.randrange(len(tokenizer)) for _ in range(60)] for _ in range(20)]  # arbitrary bytes
+    for ids in sequences:
+        detokenizer = IncrementalDetokenizer(tokenizer)
+        text = "".join(detokenizer.add(token) for token in ids) + detokenizer.flush()
+        assert text == tokenizer.decode(ids, skip_special_tokens=True)

@@ -203,8 +203,8 @@ class TransformersEngine(Engine):
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         generator = torch.Generator(device=self.device).manual_seed(seed)
         stops = StopStrings(params.stop)
-        room = self.max_model_len - len(prompt_ids)
-        max_tokens = min(params.max_tokens, room)
+        max_tokens = min(params.max_tokens, self.max_model_len - len(prompt_ids))
+        detokenizer = IncrementalDetokenizer(self.tokenizer)
         generated: list[int] = []
         emitted_chars = 0
         emitted_tokens = 0
@@ -226,7 +226,7 @@ class TransformersEngine(Engine):
                         token, self.decode_token(token), float(row[token]), self._top(row, params.logprobs)
                     )
                 )
-            text = self.decode(generated)
+            text += detokenizer.add(token)
             cut = stops.find(text, emitted_chars)
             if cut is not None:
                 text, finish = text[:cut], "stop"
@@ -234,23 +234,18 @@ class TransformersEngine(Engine):
                 finish = "stop"
             elif len(generated) >= max_tokens:
                 finish = "length"
+            if finish and cut is None:
+                text += detokenizer.flush()  # a trailing incomplete character, as decode() would give it
             safe = len(text) if finish else stops.safe_length(text)
             if safe > emitted_chars or finish:
-                emit(
-                    GenerationChunk(
-                        text=text[emitted_chars:safe],
-                        token_ids=generated[emitted_tokens:],
-                        logprobs=pending_logprobs,
-                    )
-                    if not finish
-                    else GenerationChunk(
-                        text=text[emitted_chars:safe],
-                        token_ids=generated[emitted_tokens:],
-                        logprobs=pending_logprobs,
-                        finish_reason=finish,
-                        usage=Usage(len(prompt_ids), len(generated)),
-                    )
+                chunk = GenerationChunk(
+                    text=text[emitted_chars:safe],
+                    token_ids=generated[emitted_tokens:],
+                    logprobs=pending_logprobs,
                 )
+                if finish:
+                    chunk.finish_reason, chunk.usage = finish, Usage(len(prompt_ids), len(generated))
+                emit(chunk)
                 emitted_chars, emitted_tokens, pending_logprobs = safe, len(generated), []
         if finish is None:  # cancelled: nobody is listening, but end the stream properly anyway
             emit(GenerationChunk(finish_reason="abort", usage=Usage(len(prompt_ids), len(generated))))
@@ -277,6 +272,39 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
         logits[order[outside]] = float("-inf")
     probs = torch.softmax(logits, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class IncrementalDetokenizer:
+    """Text deltas token by token without decoding the whole output each time (vLLM's method).
+
+    A token's text can depend on its neighbours (byte-level pieces of one character, leading-space rules),
+    so each step decodes only a few tokens of context plus the new ones, and holds a delta back while it
+    ends in an incomplete character (U+FFFD).
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix = 0  # where the context window starts
+        self.read = 0  # tokens whose text has been given out
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def add(self, token: int) -> str:
+        self.ids.append(token)
+        return self._advance(final=False)
+
+    def flush(self) -> str:
+        return self._advance(final=True)
+
+    def _advance(self, final: bool) -> str:
+        before = self._decode(self.ids[self.prefix : self.read])
+        after = self._decode(self.ids[self.prefix :])
+        if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return after[len(before) :]
 
 
 class StopStrings:
