@@ -361,6 +361,37 @@ def test_concurrent_requests_each_get_their_own_adapter(running):
     assert len({ttt["adapter_id"] for _, ttt in alone}) == 3  # two adapters and None
 
 
+def test_a_streamed_request_is_in_flight_until_its_last_byte(running, monkeypatch):
+    import asyncio
+
+    engine = running.generator.engine
+    real_generate = engine.generate
+    release = threading.Event()
+
+    async def held_after_first_chunk(*args, **kwargs):  # the real engine, paused mid-answer
+        first = True
+        async for chunk in real_generate(*args, **kwargs):
+            yield chunk
+            if first:
+                first = False
+                await asyncio.to_thread(release.wait, 60)
+
+    monkeypatch.setattr(engine, "generate", held_after_first_chunk)
+
+    def in_flight() -> str:
+        text = httpx.get(f"{running.url}/metrics").text
+        return next(line for line in text.splitlines() if line.startswith("ttserve_requests_in_flight "))
+
+    try:
+        stream = iter(chat(running, stream=True, extra_body={"compute_budget": 0}))
+        next(stream)  # headers and the first chunk are out; the rest is still being generated
+        assert in_flight() == "ttserve_requests_in_flight 1.0"
+    finally:
+        release.set()
+    assert list(stream)[-1].choices[0].finish_reason  # the rest of the answer arrives after the release
+    assert in_flight() == "ttserve_requests_in_flight 0.0"
+
+
 def test_metrics_count_requests_and_training(running):
     chat(running, extra_body={"compute_budget": 1, "ttt": {"mode": "always"}})
     text = httpx.get(f"{running.url}/metrics").text

@@ -109,23 +109,44 @@ def build_api(backend: Backend, settings: Settings) -> FastAPI:
 
     @app.middleware("http")
     async def _guard(request: Request, call_next):
-        """Size limit, authentication, concurrency limit and request metrics, before any parsing."""
+        """Size limit, authentication, concurrency limit and request metrics, before any parsing.
+
+        A request counts as in flight, and its latency runs, until the last byte of its body has gone:
+        a streamed answer is still being generated long after its headers were sent.
+        """
         endpoint = metrics.endpoint(request.url.path)
         started = time.perf_counter()
-        response = await _admit(request)
-        counted = response is None and endpoint in ("chat", "completions")
-        if response is None:
+        refusal = await _admit(request)
+        if refusal is not None:
+            metrics.requests.labels(endpoint, str(refusal.status_code)).inc()
+            return refusal
+        counted = endpoint in ("chat", "completions")
+        if counted:
+            in_flight["count"] += 1
+            metrics.in_flight.inc()
+
+        def done() -> None:
             if counted:
-                in_flight["count"] += 1
-                metrics.in_flight.inc()
-            try:
-                response = await call_next(request)
-            finally:
-                if counted:
-                    in_flight["count"] -= 1
-                    metrics.in_flight.dec()
+                in_flight["count"] -= 1
+                metrics.in_flight.dec()
+            metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+
+        try:
+            response = await call_next(request)
+        except BaseException:
+            done()
+            raise
         metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+        body = response.body_iterator
+
+        async def body_then_done():
+            try:
+                async for piece in body:
+                    yield piece
+            finally:
+                done()
+
+        response.body_iterator = body_then_done()
         return response
 
     async def _admit(request: Request) -> Response | None:

@@ -6,7 +6,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from ttserve.serving.protocol import TTTInfo
 
-ENDPOINTS = ("chat", "completions", "models", "health", "metrics", "other")
+ENDPOINT_OF_PATH = {
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completions",
+    "/v1/models": "models",
+    "/health": "health",
+    "/metrics": "metrics",
+}  # anything else is "other"
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -50,13 +56,7 @@ class Metrics:
         )  # prompt | completion
 
     def endpoint(self, path: str) -> str:
-        return {
-            "/v1/chat/completions": "chat",
-            "/v1/completions": "completions",
-            "/v1/models": "models",
-            "/health": "health",
-            "/metrics": "metrics",
-        }.get(path, "other")
+        return ENDPOINT_OF_PATH.get(path, "other")
 
     def record_ttt(self, ttt: TTTInfo) -> None:
         self.decisions.labels(ttt.decision).inc()
