@@ -59,9 +59,6 @@ class GeneratorDeployment:
     async def complete(self, request: GenerateRequest) -> tuple:
         return await self.generator.complete(request)
 
-    def describe(self) -> dict[str, Any]:
-        return self.generator.describe()
-
     def __del__(self) -> None:
         # Serve calls this on graceful shutdown: free the adapters' scratch space (memory, in /dev/shm).
         cache = getattr(getattr(self, "generator", None), "cache", None)

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -111,15 +111,6 @@ class Generator:
             await self.engine.close()
         self._training.shutdown(wait=False, cancel_futures=True)
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            "model": self.model_id,
-            "max_model_len": self.engine.max_model_len if self.engine else None,
-            "engine": self.settings.engine.kind,
-            "training_queue": self._queued_trainings,
-            "adapters": len(self.cache) if self.cache else 0,
-        }
-
     # --- the request ----------------------------------------------------------------------------------
     async def stream(self, request: GenerateRequest) -> AsyncIterator[Started | GenerationChunk]:
         """`Started`, then the engine's chunks. Bad input raises APIError before anything is yielded."""
@@ -146,7 +137,7 @@ class Generator:
             if request.prompt_logprobs is not None:
                 scores = await engine.score(prompt_ids, adapter, top_logprobs=request.prompt_logprobs)
             yield Started(prompt_ids, ttt, scores)
-            sampling = _with_max_tokens(request.sampling, max_tokens)
+            sampling = replace(request.sampling, max_tokens=max_tokens)
             async for chunk in engine.generate(prompt_ids, sampling, adapter, request.request_id):
                 yield chunk
         finally:
@@ -313,9 +304,3 @@ class Generator:
             "seconds": round(run.seconds, 4),
             "stopped": run.stopped,
         }
-
-
-def _with_max_tokens(sampling: SamplingParams, max_tokens: int) -> SamplingParams:
-    from dataclasses import replace
-
-    return replace(sampling, max_tokens=max_tokens)
