@@ -1,0 +1,228 @@
+"""The vocabulary every layer shares: plain dataclasses and literals, no torch, peft, faiss or vllm.
+
+The HTTP layer builds a `GenerateRequest` and reads `Started`/`GenerationChunk`/`TTTOutcome`; the request
+pipeline (ttserve/pipeline.py) takes the request and produces them; engines take `SamplingParams` and an
+`Adapter` and stream `GenerationChunk`s; the trainer reports a `TrainingRun`. Because this module imports
+nothing heavy, the ingress (a fraction of a CPU, no model) can build requests and read answers without
+loading the ML stack, and everything here pickles across Ray Serve's process boundaries.
+
+Domain errors (`RequestError` and its subclasses) say what is wrong with a request in the core's words;
+the HTTP layer alone decides which status code and OpenAI error body each one becomes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, get_args
+
+# --- literals: each defined once -------------------------------------------------------------------------
+Strategy = Literal["sift", "knn"]  # how training data is selected (spec §2)
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
+Mode = Literal["auto", "always", "off"]  # auto: the calibrated policy decides; always: spend the budget
+MODES: tuple[str, ...] = get_args(Mode)
+# trained: a new adapter answered; reused: an adapter trained for an identical earlier request answered;
+# skipped: the policy chose the base model; fallback: training was wanted but could not happen.
+Decision = Literal["trained", "reused", "skipped", "fallback"]
+DECISIONS: tuple[str, ...] = get_args(Decision)
+StopReason = Literal["completed", "budget", "deadline", "cancelled"]  # why a training run ended
+
+
+# --- domain errors -----------------------------------------------------------------------------------------
+class RequestError(Exception):
+    """Something about one request that the server refuses; `param` names the request field, if any."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def __reduce__(self):  # picklable with its fields: it crosses Ray Serve's process boundaries
+        return (type(self), (self.message, self.param))
+
+
+class InvalidRequest(RequestError):
+    """The request cannot be served as asked (a budget over the cap, token ids out of range, ...)."""
+
+
+class ContextLengthError(InvalidRequest, ValueError):
+    """The prompt (plus what must be generated) does not fit the model's context."""
+
+
+class NoChatTemplateError(RequestError):
+    """A chat request to a model whose tokenizer has no chat template."""
+
+
+class NotReadyError(RequestError):
+    """The replica is still loading its model."""
+
+
+# --- what an engine takes and gives --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    stop: tuple[str, ...] = ()  # stop strings; the text ends before the first one and excludes it
+    seed: int | None = None  # same seed, same request: same output
+    logprobs: int | None = None  # None: none; k >= 0: the sampled token's logprob and the top k
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A LoRA adapter loaded into an engine. `name` and `id` are never reused for other weights."""
+
+    name: str
+    id: int
+    path: Path
+    bytes: int
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    token: str
+    logprob: float
+    top: tuple[tuple[int, str, float], ...] = ()  # (token id, token, logprob), most likely first
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class GenerationChunk:
+    """One streamed step: new text, the new token ids, their logprobs if asked; the last one is `final`."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None  # stop | length (abort when cancelled), on the final chunk only
+    usage: Usage | None = None  # on the final chunk only
+
+    @property
+    def final(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class PromptScores:
+    """logprobs[i] = log p(token i | tokens < i); None for the first token, which has no context."""
+
+    token_ids: list[int]
+    tokens: list[str]
+    logprobs: list[float | None]
+    top: list[tuple[tuple[int, str, float], ...] | None]
+
+
+async def collect(chunks: AsyncIterator[GenerationChunk]) -> GenerationChunk:
+    """A whole generation as one chunk: the concatenated text, ids and logprobs, with the final record."""
+    whole = GenerationChunk()
+    async for chunk in chunks:
+        whole.text += chunk.text
+        whole.token_ids += chunk.token_ids
+        whole.logprobs += chunk.logprobs
+        whole.finish_reason = chunk.finish_reason or whole.finish_reason
+        whole.usage = chunk.usage or whole.usage
+    return whole
+
+
+# --- what the trainer reports ----------------------------------------------------------------------------------
+@dataclass
+class TrainingRun:
+    """What one request's training did."""
+
+    steps: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    setup_ms: float = 0.0
+    losses: list[float] = field(default_factory=list)
+    stopped: StopReason = "completed"
+
+
+# --- one request through the pipeline ------------------------------------------------------------------------
+@dataclass
+class GenerateRequest:
+    """A request as the pipeline takes it: already validated against the wire protocol."""
+
+    prompt: str | list[int] | None = None  # /v1/completions
+    messages: list[dict[str, str]] | None = None  # /v1/chat/completions
+    max_tokens: int | None = None  # None: up to the end of the context
+    sampling: SamplingParams = field(default_factory=SamplingParams)  # its max_tokens is replaced
+    compute_budget: int | None = None  # None: the server default
+    strategy: Strategy | None = None
+    lam: float | None = None
+    mode: Mode | None = None
+    deadline_s: float | None = None
+    n: int | None = None
+    prompt_logprobs: int | None = None  # echo + logprobs: score the prompt with this many top logprobs
+    request_id: str | None = None
+
+
+@dataclass
+class TTTOutcome:
+    """What test-time training did for one request (the wire's `ttt` object is made from it)."""
+
+    budget: int  # the compute budget the request got (after the server's default and cap)
+    strategy: str
+    decision: Decision = "skipped"
+    reason: str = ""  # the policy's plan, and for a fallback what went wrong
+    steps: int = 0  # gradient steps taken
+    training_tokens: int = 0
+    training_seconds: float = 0.0  # 0 when an adapter was reused
+    selected_ids: list[int] = field(default_factory=list)  # datastore sequence ids, in selection order
+    uncertainty_before: float | None = None  # SIFT's posterior variance before any data ...
+    uncertainty_after: float | None = None  # ... and after the data trained on
+    predicted_gain_bpb: float | None = None  # from the calibrated gain model, if any
+    adapter_id: str | None = None  # the adapter's content key: equal ids mean identical weights
+    cached: bool = False  # the adapter was reused from the cache rather than trained
+    retrieval_ms: float = 0.0
+
+    @property
+    def trained(self) -> bool:
+        """Whether an adapter answered (trained now or reused)."""
+        return self.decision in ("trained", "reused")
+
+
+@dataclass
+class Started:
+    """The first event of every answer: test-time training is settled and generation begins."""
+
+    prompt_ids: list[int]
+    ttt: TTTOutcome
+    prompt_scores: PromptScores | None = None
+
+
+@dataclass
+class ReplicaStats:
+    """Counters of one generator replica, for /metrics: the adapter cache, the training queue, the LoRA gate."""
+
+    adapters_cached: int = 0
+    adapter_bytes: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    cache_evictions: int = 0
+    trainings_queued: int = 0  # admitted and not finished (waiting or running)
+    training_steps_queued: int = 0
+    # vLLM on CPU only (the LoRA gate, engines/lora_gate.py): requests by path, and waits for plain ones.
+    gate_plain: int | None = None
+    gate_zero_adapter: int | None = None
+    gate_adapted: int | None = None
+    gate_waited: int | None = None
