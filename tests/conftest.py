@@ -158,3 +158,41 @@ def loop_thread():
     thread = LoopThread()
     yield thread
     thread.close()
+
+
+@pytest.fixture(scope="session")
+def server_settings(tmp_path_factory, small_corpus, memo_embedder, tiny_model_dir):
+    """The tiny model over the eight-topic corpus; budget 0 unless a request asks, served as `tiny-test`."""
+    from ttserve.config import (
+        DatastoreConfig,
+        ModelConfig,
+        RetrievalConfig,
+        ServerConfig,
+        Settings,
+        TrainingConfig,
+    )
+    from ttserve.datastore.build import build_datastore
+
+    datastore = tmp_path_factory.mktemp("server") / "datastore"
+    settings = Settings(
+        datastore=DatastoreConfig(path=datastore),
+        retrieval=RetrievalConfig(n=8, k=24),
+        model=ModelConfig(name_or_path=str(tiny_model_dir), device="cpu"),
+        training=TrainingConfig(learning_rate=1e-2),
+        server=ServerConfig(default_compute_budget=0, max_compute_budget=64, served_model_name="tiny-test"),
+    )
+    build_datastore([small_corpus], datastore, settings, memo_embedder, progress=False)
+    return settings
+
+
+@pytest.fixture(scope="session")
+def running(server_settings, loop_thread):
+    """The in-process server (no Ray) on a local port, shared by every test that talks HTTP to it."""
+    from tests.serving import Running, ServerThread
+    from ttserve.serving.local import start_local
+
+    app, replica = loop_thread.run(start_local(server_settings))
+    server = ServerThread(app)
+    yield Running(server.url, replica, server_settings, "tiny-test")
+    server.stop()
+    loop_thread.run(replica.close())

@@ -6,106 +6,18 @@ The Ray Serve deployment of the same API is tested in test_ray_app.py.
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import httpx
 import openai
 import pytest
 from pydantic import SecretStr
 
-from ttserve.config import (
-    DatastoreConfig,
-    ModelConfig,
-    RetrievalConfig,
-    ServerConfig,
-    Settings,
-    TrainingConfig,
-)
-from ttserve.datastore.build import build_datastore
+from tests.serving import CODE_PROMPT, Running, ServerThread, chat, free_port, ttt_of
 
 pytestmark = pytest.mark.slow
-
-CODE_PROMPT = "def parse_config(path):\n    with open(path) as handle:\n        return"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerThread:
-    """uvicorn serving an app on a free local port, in a background thread."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.port = free_port()
-        self.server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
-        )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.05)
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def stop(self):
-        self.server.should_exit = True
-        self.thread.join(10)
-
-
-@dataclass
-class Running:
-    url: str
-    generator: object
-    settings: Settings
-    model: str
-
-    def client(self, **kwargs) -> openai.OpenAI:
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key="unused", max_retries=0, **kwargs)
-
-
-@pytest.fixture(scope="session")
-def server_settings(tmp_path_factory, small_corpus, memo_embedder, tiny_model_dir) -> Settings:
-    datastore = tmp_path_factory.mktemp("server") / "datastore"
-    settings = Settings(
-        datastore=DatastoreConfig(path=datastore),
-        retrieval=RetrievalConfig(n=8, k=24),
-        model=ModelConfig(name_or_path=str(tiny_model_dir), device="cpu"),
-        training=TrainingConfig(learning_rate=1e-2),
-        server=ServerConfig(default_compute_budget=0, max_compute_budget=64, served_model_name="tiny-test"),
-    )
-    build_datastore([small_corpus], datastore, settings, memo_embedder, progress=False)
-    return settings
-
-
-@pytest.fixture(scope="session")
-def running(server_settings, loop_thread):
-    from ttserve.serving.local import start_local
-
-    app, generator = loop_thread.run(start_local(server_settings))
-    server = ServerThread(app)
-    yield Running(server.url, generator, server_settings, "tiny-test")
-    server.stop()
-    loop_thread.run(generator.close())
-
-
-def chat(running: Running, content: str = CODE_PROMPT, **kwargs):
-    kwargs = {"temperature": 0, "max_tokens": 12, **kwargs}
-    return running.client().chat.completions.create(
-        model=running.model, messages=[{"role": "user", "content": content}], **kwargs
-    )
-
-
-def ttt_of(response) -> dict:
-    return response.model_extra["ttt"] if "ttt" in (response.model_extra or {}) else response.ttt
 
 
 # --- the API --------------------------------------------------------------------------------------------
@@ -183,7 +95,7 @@ def test_echo_logprobs_scores_the_prompt(running):
     import torch
     from transformers import AutoModelForCausalLM
 
-    engine = running.generator.engine
+    engine = running.replica.engine
     ids = engine.encode("import os\nimport sys\n")
     response = running.client().completions.create(
         model=running.model, prompt=ids, max_tokens=0, echo=True, logprobs=1, extra_body={"compute_budget": 0}
@@ -268,17 +180,17 @@ def test_auth_size_limit_and_concurrency_limit(running, monkeypatch):
         update={"api_key": SecretStr("s3cret"), "max_request_bytes": 2000, "max_concurrent_requests": 1}
     )
     settings = running.settings.model_copy(update={"server": server_config})
-    server = ServerThread(build_api(running.generator, settings))
+    server = ServerThread(build_api(running.replica, settings))
     # The real trainer, held at its start until the checks below are done, so "while it trains" is a fact
     # of the test rather than a race against the trainer's speed.
     release = threading.Event()
-    real_train = running.generator.trainer.train
+    real_train = running.replica.trainer.train
 
     def held_train(*args, **kwargs):
         assert release.wait(60)
         return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(running.generator.trainer, "train", held_train)
+    monkeypatch.setattr(running.replica.trainer, "train", held_train)
     try:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
@@ -299,7 +211,7 @@ def test_auth_size_limit_and_concurrency_limit(running, monkeypatch):
         with ThreadPoolExecutor(1) as pool:
             training = pool.submit(training_request)
             deadline = time.monotonic() + 60
-            while running.generator._queued_trainings == 0:  # admitted and held in the trainer
+            while running.replica._queued_trainings == 0:  # admitted and held in the trainer
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
             with pytest.raises(openai.RateLimitError):
@@ -320,7 +232,7 @@ def test_a_training_fault_falls_back_to_the_base_model(running, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("CUDA out of memory (injected)")
 
-    monkeypatch.setattr(running.generator.trainer, "train", broken)
+    monkeypatch.setattr(running.replica.trainer, "train", broken)
     response = chat(running, extra_body={"compute_budget": 5, "ttt": {"mode": "always", "n": 5}})
     ttt = ttt_of(response)
     assert ttt["decision"] == "fallback" and ttt["trained"] is False and ttt["adapter_id"] is None
@@ -364,7 +276,7 @@ def test_concurrent_requests_each_get_their_own_adapter(running):
 def test_a_streamed_request_is_in_flight_until_its_last_byte(running, monkeypatch):
     import asyncio
 
-    engine = running.generator.engine
+    engine = running.replica.engine
     real_generate = engine.generate
     release = threading.Event()
 
@@ -502,7 +414,7 @@ def test_a_cancelled_request_stops_its_training_and_leaves_nothing_behind(runnin
 
     from ttserve.serving.generator import GenerateRequest
 
-    generator = running.generator
+    generator = running.replica
     runs = []
     real_train = generator.trainer.train
 
@@ -542,7 +454,7 @@ def test_a_cancelled_request_stops_its_training_and_leaves_nothing_behind(runnin
 
 
 def test_chat_needs_a_chat_template_and_requests_wait_for_the_model(running, monkeypatch):
-    engine = running.generator.engine
+    engine = running.replica.engine
     monkeypatch.setattr(engine.tokenizer, "chat_template", None)
     response = httpx.post(
         f"{running.url}/v1/chat/completions",
@@ -550,7 +462,7 @@ def test_chat_needs_a_chat_template_and_requests_wait_for_the_model(running, mon
     )
     assert response.status_code == 422 and "chat template" in response.json()["error"]["message"]
     monkeypatch.undo()
-    monkeypatch.setattr(running.generator, "engine", None)  # as while the replica is still loading
+    monkeypatch.setattr(running.replica, "engine", None)  # as while the replica is still loading
     with pytest.raises(openai.APIStatusError) as loading:
         chat(running)
     assert loading.value.status_code == 503
