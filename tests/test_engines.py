@@ -85,7 +85,7 @@ def transformers_bundle(tiny_model_dir, adapter_dirs, loop_thread, tmp_path_fact
 
     loaded = load_model(ModelConfig(name_or_path=str(tiny_model_dir), device="cpu"))
     trainer = TestTimeTrainer(loaded, TrainingConfig(learning_rate=2e-2))
-    engine = TransformersEngine(trainer)
+    engine = TransformersEngine(trainer.shared)
     bundle = Bundle("transformers", engine, loop_thread, trainer=trainer)
     tmp = tmp_path_factory.mktemp("transformers-adapters")
     for name, directory in adapter_dirs.items():
@@ -445,7 +445,7 @@ def test_scratch_space_left_by_a_killed_process_is_swept(tmp_path):
     import subprocess
     import sys
 
-    from ttserve.adapter_cache import scratch_directory
+    from ttserve.files import scratch_directory
 
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True

@@ -17,6 +17,7 @@ from ttserve.serving.protocol import (
     ChatCompletionChunkChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatCompletionTokenLogprob,
     ChatLogprobs,
     ChatResponseMessage,
     CompletionChoice,
@@ -27,7 +28,6 @@ from ttserve.serving.protocol import (
     DeltaMessage,
     ModelCard,
     ModelList,
-    TokenLogprob,
     TopLogprob,
     TTTInfo,
     UsageInfo,
@@ -324,7 +324,11 @@ def test_chat_completion_parses_in_openai_client_with_logprobs():
             ChatCompletionChoice(
                 message=ChatResponseMessage(content="An"),
                 logprobs=ChatLogprobs(
-                    content=[TokenLogprob(token="An", logprob=-0.1, bytes=[65, 110], top_logprobs=top)]
+                    content=[
+                        ChatCompletionTokenLogprob(
+                            token="An", logprob=-0.1, bytes=[65, 110], top_logprobs=top
+                        )
+                    ]
                 ),
                 finish_reason="length",
             )

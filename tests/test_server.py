@@ -95,7 +95,7 @@ def test_echo_logprobs_scores_the_prompt(running):
     import torch
     from transformers import AutoModelForCausalLM
 
-    engine = running.replica.engine
+    engine = running.replica.pipeline.engine
     ids = engine.encode("import os\nimport sys\n")
     response = running.client().completions.create(
         model=running.model, prompt=ids, max_tokens=0, echo=True, logprobs=1, extra_body={"compute_budget": 0}
@@ -184,13 +184,13 @@ def test_auth_size_limit_and_concurrency_limit(running, monkeypatch):
     # The real trainer, held at its start until the checks below are done, so "while it trains" is a fact
     # of the test rather than a race against the trainer's speed.
     release = threading.Event()
-    real_train = running.replica.trainer.train
+    real_train = running.replica.pipeline.trainer.train
 
     def held_train(*args, **kwargs):
         assert release.wait(60)
         return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(running.replica.trainer, "train", held_train)
+    monkeypatch.setattr(running.replica.pipeline.trainer, "train", held_train)
     try:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
@@ -211,7 +211,7 @@ def test_auth_size_limit_and_concurrency_limit(running, monkeypatch):
         with ThreadPoolExecutor(1) as pool:
             training = pool.submit(training_request)
             deadline = time.monotonic() + 60
-            while running.replica._queued_trainings == 0:  # admitted and held in the trainer
+            while running.replica.pipeline.training.queued == 0:  # admitted and held in the trainer
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
             with pytest.raises(openai.RateLimitError):
@@ -232,7 +232,7 @@ def test_a_training_fault_falls_back_to_the_base_model(running, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("CUDA out of memory (injected)")
 
-    monkeypatch.setattr(running.replica.trainer, "train", broken)
+    monkeypatch.setattr(running.replica.pipeline.trainer, "train", broken)
     response = chat(running, extra_body={"compute_budget": 5, "ttt": {"mode": "always", "n": 5}})
     ttt = ttt_of(response)
     assert ttt["decision"] == "fallback" and ttt["trained"] is False and ttt["adapter_id"] is None
@@ -276,7 +276,7 @@ def test_concurrent_requests_each_get_their_own_adapter(running):
 def test_a_streamed_request_is_in_flight_until_its_last_byte(running, monkeypatch):
     import asyncio
 
-    engine = running.replica.engine
+    engine = running.replica.pipeline.engine
     real_generate = engine.generate
     release = threading.Event()
 
@@ -392,10 +392,10 @@ def test_the_vllm_engine_behind_the_server_answers_like_the_transformers_engine(
     settings = server_settings.model_copy(
         update={"engine": EngineConfig(kind="vllm", max_model_len=512, enforce_eager=True, max_loras=2)}
     )
-    app, generator = loop_thread.run(start_local(settings))
+    app, replica = loop_thread.run(start_local(settings))
     server = ServerThread(app)
     try:
-        on_vllm = Running(server.url, generator, settings, "tiny-test")
+        on_vllm = Running(server.url, replica, settings, "tiny-test")
         for budget in (0, 3):
             body = {"compute_budget": budget, "ttt": {"mode": "always"}}
             expected = chat(running, extra_body=body)
@@ -405,24 +405,25 @@ def test_the_vllm_engine_behind_the_server_answers_like_the_transformers_engine(
             assert ttt_of(answer)["steps"] == budget
     finally:
         server.stop()
-        loop_thread.run(generator.close())
+        loop_thread.run(replica.close())
 
 
 def test_a_cancelled_request_stops_its_training_and_leaves_nothing_behind(running, loop_thread, monkeypatch):
     """What Ray Serve does when a client disconnects: the generator's stream is cancelled mid-training."""
     import asyncio
 
-    from ttserve.serving.generator import GenerateRequest
+    from ttserve.contract import GenerateRequest
 
-    generator = running.replica
-    runs = []
-    real_train = generator.trainer.train
+    pipeline = running.replica.pipeline
+    runs, training_started = [], threading.Event()
+    real_train = pipeline.trainer.train
 
     def recording_train(*args, **kwargs):  # the real trainer; only remember how its run ended
+        training_started.set()
         runs.append(real_train(*args, **kwargs))
         return runs[-1]
 
-    monkeypatch.setattr(generator.trainer, "train", recording_train)
+    monkeypatch.setattr(pipeline.trainer, "train", recording_train)
     request = GenerateRequest(
         prompt="class Registry:\n    def register(self, name):",
         max_tokens=4,
@@ -432,11 +433,8 @@ def test_a_cancelled_request_stops_its_training_and_leaves_nothing_behind(runnin
     )
 
     async def cancel_during_training():
-        task = asyncio.ensure_future(anext(generator.stream(request)))
-        while generator._queued_trainings == 0:  # training admitted
-            await asyncio.sleep(0.01)
-        while not runs and generator.trainer._lock.locked() is False:
-            await asyncio.sleep(0.01)
+        task = asyncio.ensure_future(anext(pipeline.stream(request)))
+        assert await asyncio.to_thread(training_started.wait, 60)  # admitted, and the trainer has begun
         await asyncio.sleep(0.05)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -444,9 +442,9 @@ def test_a_cancelled_request_stops_its_training_and_leaves_nothing_behind(runnin
 
     loop_thread.run(cancel_during_training())
     assert runs[-1].stopped == "cancelled" and runs[-1].steps < 24
-    assert generator._queued_trainings == 0 and generator._queued_steps == 0
-    cached = {entry.adapter.path.name for entry in generator.cache._entries.values()}
-    assert {p.name for p in generator.cache.directory.iterdir()} == cached  # no half-written adapter
+    assert pipeline.training.queued == 0 and pipeline.training.queued_steps == 0
+    cached = {adapter.path.name for adapter in pipeline.adapters.adapters()}
+    assert {p.name for p in pipeline.adapters.directory.iterdir()} == cached  # no half-written adapter
     again = chat(
         running, content="class Registry:", extra_body={"compute_budget": 2, "ttt": {"mode": "always"}}
     )
@@ -454,7 +452,7 @@ def test_a_cancelled_request_stops_its_training_and_leaves_nothing_behind(runnin
 
 
 def test_chat_needs_a_chat_template_and_requests_wait_for_the_model(running, monkeypatch):
-    engine = running.replica.engine
+    engine = running.replica.pipeline.engine
     monkeypatch.setattr(engine.tokenizer, "chat_template", None)
     response = httpx.post(
         f"{running.url}/v1/chat/completions",
@@ -462,7 +460,7 @@ def test_chat_needs_a_chat_template_and_requests_wait_for_the_model(running, mon
     )
     assert response.status_code == 422 and "chat template" in response.json()["error"]["message"]
     monkeypatch.undo()
-    monkeypatch.setattr(running.replica, "engine", None)  # as while the replica is still loading
+    monkeypatch.setattr(running.replica, "pipeline", None)  # as while the replica is still loading
     with pytest.raises(openai.APIStatusError) as loading:
         chat(running)
     assert loading.value.status_code == 503

@@ -7,27 +7,35 @@ used adapter that no request is using, from the engine and from disk. An adapter
 the cache can then run over its bounds until a request lets go.
 
 Two requests that miss on the same key at once train once: the second waits for the first ("single flight").
+
+Concurrency: the cache lives on the replica's event loop and is only touched from it. Its one lock
+serialises what awaits the engine (loading and unloading adapters) with the bookkeeping around it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import atexit
 import hashlib
 import json
-import os
-import re
 import shutil
-import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ttserve.config import TrainingConfig
-from ttserve.engines.base import Adapter, Engine
+from ttserve.contract import Adapter
+from ttserve.files import scratch_directory, staged_directory
+
+
+class AdapterHost(Protocol):
+    """What the cache needs of an engine."""
+
+    async def add_adapter(self, path: Path) -> Adapter: ...
+
+    async def remove_adapter(self, adapter: Adapter) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -54,7 +62,7 @@ class AdapterKey:
 class _Entry:
     key: AdapterKey
     adapter: Adapter
-    info: dict[str, Any]  # what training reported, returned with every later hit
+    info: Any  # what training returned, handed to every later hit
     users: int = 0
     last_used: float = field(default_factory=time.monotonic)
 
@@ -64,7 +72,7 @@ class AdapterLease:
     """A request's hold on a cached adapter: it stays loaded until `release()`."""
 
     adapter: Adapter
-    info: dict[str, Any]
+    info: Any
     cached: bool  # True: trained by an earlier request
     _cache: AdapterCache
     _entry: _Entry
@@ -84,45 +92,10 @@ class CacheStats:
     evictions: int = 0
 
 
-def scratch_directory(root: str | Path | None, prefix: str = "ttserve-adapters") -> Path:
-    """A private directory for this process under `root`, removed at exit.
-
-    The name carries the owner's pid, so directories left by a process that was killed (a Ray replica
-    is SIGKILLed when it does not stop in time) are swept the next time one is made: /dev/shm is memory.
-    """
-    root = Path(root) if root else default_scratch_root()
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(f"{prefix}-*-*"):
-        match = re.fullmatch(rf"{re.escape(prefix)}-(\d+)-.+", stale.name)
-        if match and not _alive(int(match.group(1))):
-            shutil.rmtree(stale, ignore_errors=True)
-    path = Path(tempfile.mkdtemp(prefix=f"{prefix}-{os.getpid()}-", dir=root))
-    atexit.register(shutil.rmtree, path, True)
-    return path
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
-def default_scratch_root() -> Path:
-    """/dev/shm (memory-backed, fast to write and read back) when usable, else the temp directory."""
-    shm = Path("/dev/shm")
-    if shm.is_dir() and shm.stat().st_mode & 0o002:
-        return shm
-    return Path(tempfile.gettempdir())
-
-
 class AdapterCache:
     def __init__(
         self,
-        engine: Engine,
+        engine: AdapterHost,
         max_adapters: int = 16,
         max_bytes: int = 512 * 2**20,
         scratch_dir: str | Path | None = None,
@@ -135,8 +108,8 @@ class AdapterCache:
         self.directory = scratch_directory(scratch_dir)
         self.stats = CacheStats()
         self._entries: OrderedDict[AdapterKey, _Entry] = OrderedDict()  # least recently used first
-        self._inflight: dict[AdapterKey, asyncio.Future] = {}
-        self._mutex = asyncio.Lock()  # engine add/remove and the bookkeeping around them
+        self._training: dict[AdapterKey, asyncio.Future] = {}  # keys being trained now (single flight)
+        self._mutex = asyncio.Lock()
         self._serial = 0
 
     def __len__(self) -> int:
@@ -146,16 +119,9 @@ class AdapterCache:
     def bytes(self) -> int:
         return sum(entry.adapter.bytes for entry in self._entries.values())
 
-    def new_directory(self) -> Path:
-        """A fresh directory in the scratch space for the trainer to save one adapter into."""
-        self._serial += 1
-        return self.directory / f"adapter-{self._serial}"
-
-    def _lease(self, entry: _Entry, cached: bool) -> AdapterLease:
-        entry.users += 1
-        entry.last_used = time.monotonic()
-        self._entries.move_to_end(entry.key)
-        return AdapterLease(entry.adapter, entry.info, cached, self, entry)
+    def adapters(self) -> list[Adapter]:
+        """The cached adapters, least recently used first."""
+        return [entry.adapter for entry in self._entries.values()]
 
     def acquire(self, key: AdapterKey) -> AdapterLease | None:
         """The cached adapter for `key`, held for the caller; None on a miss."""
@@ -165,12 +131,42 @@ class AdapterCache:
         self.stats.hits += 1
         return self._lease(entry, cached=True)
 
-    async def insert(self, key: AdapterKey, directory: Path, info: dict[str, Any]) -> AdapterLease:
+    async def get_or_train(self, key: AdapterKey, train: Callable[[Path], Awaitable[Any]]) -> AdapterLease:
+        """The adapter for `key`: from the cache, from a request already training it, or by `train(dir)`,
+        which must write a PEFT adapter directory at `dir` and return what later hits should see."""
+        while True:
+            lease = self.acquire(key)
+            if lease is not None:
+                return lease
+            waiting = self._training.get(key)
+            if waiting is None:
+                break
+            # Wait for it without inheriting its fate: if it failed or its client went away, try again
+            # (and train ourselves if nobody else is).
+            await asyncio.wait([waiting])
+        self.stats.misses += 1
+        done: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._training[key] = done
+        self._serial += 1
+        target = self.directory / f"adapter-{self._serial}"
+        try:
+            # Staged: a failed or cancelled training leaves no half-written adapter under a real name.
+            with staged_directory(target, create=False) as staging:
+                info = await train(staging)
+            return await self._insert(key, target, info)
+        finally:
+            del self._training[key]
+            done.set_result(None)
+
+    def _lease(self, entry: _Entry, cached: bool) -> AdapterLease:
+        entry.users += 1
+        entry.last_used = time.monotonic()
+        self._entries.move_to_end(entry.key)
+        return AdapterLease(entry.adapter, entry.info, cached, self, entry)
+
+    async def _insert(self, key: AdapterKey, directory: Path, info: Any) -> AdapterLease:
         """Load a freshly trained adapter and hold it for the caller; evict others beyond the bounds."""
         async with self._mutex:
-            if key in self._entries:  # trained twice after all: keep the first, drop this copy
-                shutil.rmtree(directory, ignore_errors=True)
-                return self._lease(self._entries[key], cached=True)
             try:
                 adapter = await self.engine.add_adapter(directory)
             except BaseException:
@@ -181,34 +177,6 @@ class AdapterCache:
             lease = self._lease(entry, cached=False)
         await self._evict()
         return lease
-
-    async def get_or_train(
-        self, key: AdapterKey, train: Callable[[Path], Awaitable[dict[str, Any]]]
-    ) -> AdapterLease:
-        """The adapter for `key`: from the cache, from a request already training it, or by `train(dir)`."""
-        while True:
-            lease = self.acquire(key)
-            if lease is not None:
-                return lease
-            waiting = self._inflight.get(key)
-            if waiting is None:
-                break
-            # Wait for it without inheriting its fate: if it failed or its client went away, try again
-            # (and train ourselves if nobody else is).
-            await asyncio.wait([waiting])
-        self.stats.misses += 1
-        done: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._inflight[key] = done
-        directory = self.new_directory()
-        try:
-            info = await train(directory)
-            return await self.insert(key, directory, info)
-        except BaseException:
-            shutil.rmtree(directory, ignore_errors=True)
-            raise
-        finally:
-            del self._inflight[key]
-            done.set_result(None)
 
     async def _evict(self) -> None:
         async with self._mutex:

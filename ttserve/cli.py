@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
-import time
 from pathlib import Path
 from typing import Annotated
 
@@ -183,10 +181,10 @@ def run(
     ] = None,
     n: Annotated[int, typer.Option(help="sequences to select per prompt")] = 8,
 ) -> None:
-    """The main job on the embedded default: make sure the local datastore exists, then select data per prompt.
+    """Show what SIFT selects for prompts on the configured datastore (no model; `serve` is the main job).
 
-    The first run builds the datastore from the Python standard library's sources (offline, about a
-    minute on 2 cores). Prompts come from --prompt or, one per line, from standard input.
+    The first run builds the default datastore from the Python standard library's sources (offline, about
+    a minute on 2 cores). Prompts come from --prompt or, one per line, from standard input.
     """
     _quiet_libraries()
     from ttserve.datastore.local_corpus import ensure_datastore
@@ -230,39 +228,20 @@ def serve(
     manifest = ensure_datastore(settings)
     typer.echo(f"datastore {settings.datastore.path}: {_summary(manifest)}")
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, single-user cluster
-    import ray
-    from ray import serve as ray_serve
+    from ttserve.config import served_model_name
+    from ttserve.serving.app import serve_on_local_ray
 
-    from ttserve.serving.app import build_app
-    from ttserve.serving.generator import served_model_name
+    model = served_model_name(settings)
 
-    ray.init(
-        include_dashboard=False, object_store_memory=256 * 2**20, configure_logging=False, log_to_driver=False
-    )
-    try:
-        ray_serve.start(http_options={"host": host, "port": port})
-        args = {"config": str(config.resolve()) if config else None}
-        ray_serve.run(build_app(args), name="ttserve", route_prefix="/", blocking=False)
-        url = f"http://{host}:{port}"
-        typer.echo(f"ttserve is serving {served_model_name(settings)} at {url}/v1 (Ctrl-C to stop)")
+    def ready(url: str) -> None:
+        typer.echo(f"ttserve is serving {model} at {url}/v1 (Ctrl-C to stop)")
         typer.echo(
             f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d "
-            f'\'{{"model": "{served_model_name(settings)}", "messages": '
+            f'\'{{"model": "{model}", "messages": '
             f'[{{"role": "user", "content": "def read_lines(path):"}}], "compute_budget": 8}}\''
         )
-        signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as cleanly as Ctrl-C
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        typer.echo("shutting down")
-    finally:
-        ray_serve.shutdown()
-        ray.shutdown()
 
-
-def _interrupt(*_: object) -> None:
-    raise KeyboardInterrupt
+    serve_on_local_ray(config, host, port, on_ready=ready, on_stop=lambda: typer.echo("shutting down"))
 
 
 def _stdin_prompts():

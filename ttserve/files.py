@@ -19,19 +19,24 @@ from pathlib import Path
 
 
 @contextmanager
-def staged_directory(target: Path, *, replace: bool = False, copy_from: Path | None = None) -> Iterator[Path]:
+def staged_directory(
+    target: Path, *, replace: bool = False, copy_from: Path | None = None, create: bool = True
+) -> Iterator[Path]:
     """A scratch directory beside `target` (same filesystem, so the rename is atomic) that becomes `target`
     only if the block finishes without an exception.
 
     `copy_from`: start from a copy of that directory (to extend an existing artefact). `replace`: an existing
-    `target` is swapped out; otherwise an existing target is an error and is never touched.
+    `target` is swapped out; otherwise an existing target is an error and is never touched. `create=False`
+    yields a fresh path that does not exist yet, for writers that create their own directory.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; artefacts are read like any other cache entry
     try:
-        if copy_from is not None:
+        if not create:
+            staging.rmdir()  # the name stays unique: nothing else writes `.building-` names here
+        elif copy_from is not None:
             shutil.copytree(copy_from, staging, dirs_exist_ok=True)
         yield staging
         if not target.exists():

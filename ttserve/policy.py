@@ -1,5 +1,11 @@
 """Deciding how much test-time training a request gets (spec §3), before any GPU work.
 
+Every "do not train" decision is made here, each with the reason the response carries: the request's own
+settings (mode off, budget 0), what there is to retrieve for (no datastore, no text), and, once SIFT has
+selected, the adaptive stop and the predicted gain. The pipeline asks `Policy.skip_before_retrieval` first,
+then `Policy.plan`; what can go wrong after that (a full queue, a deadline, a fault) is a fallback, not a
+policy decision.
+
 The paper finds that SIFT's uncertainty reduction σ_0² − σ_n² predicts the realised gain of fine-tuning
 on the first n picks. `GainModel` is that relation, fitted offline (`ttserve calibrate`) as bits per byte
 gained against uncertainty reduced. A plan only ever shortens: it never exceeds the request's budget,
@@ -12,14 +18,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
 from ttserve.config import PolicyConfig
+from ttserve.contract import Mode
 from ttserve.selection import Selection
-
-Mode = Literal["auto", "always", "off"]
 
 
 @dataclass(frozen=True)
@@ -143,10 +147,9 @@ def plan(
             steps=steps, predicted_gain=gain(steps), reason=reason, budget=budget, available=available
         )
 
-    if mode == "off":
-        return make(0, "test-time training is off")
-    if budget == 0:
-        return make(0, "compute budget is 0")
+    refusal = _refused_by_request(mode, budget)
+    if refusal is not None:
+        return make(0, refusal)
     if available == 0:
         if len(selection) == 0:
             return make(0, "no training data was selected")
@@ -172,3 +175,36 @@ def plan(
         steps,
         f"{steps} steps reach {gains[steps - 1] / best:.0%} of the predicted gain at {most} steps ({best:.4f} bpb)",
     )
+
+
+def _refused_by_request(mode: Mode, budget: int) -> str | None:
+    """Why the request's own settings rule training out (None: they allow it)."""
+    if mode == "off":
+        return "test-time training is off"
+    if budget == 0:
+        return "compute budget is 0"
+    return None
+
+
+class Policy:
+    """The configured policy with its gain model: the one place that decides whether and how much to train."""
+
+    def __init__(self, config: PolicyConfig | None = None, gain_model: GainModel | None = None):
+        self.config = config or PolicyConfig()
+        self.gain_model = gain_model
+
+    def skip_before_retrieval(
+        self, mode: Mode | None, budget: int, query: str, can_retrieve: bool
+    ) -> str | None:
+        """Why to serve the base model without even retrieving (None: retrieve, then `plan`)."""
+        refusal = _refused_by_request(mode or self.config.mode, budget)
+        if refusal is not None:
+            return refusal
+        if not can_retrieve:
+            return "no datastore is configured"
+        if not query.strip():
+            return "the prompt has no text to retrieve for"
+        return None
+
+    def plan(self, selection: Selection, budget: int, mode: Mode | None = None) -> Plan:
+        return plan(selection, budget, self.config, self.gain_model, mode)

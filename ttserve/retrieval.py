@@ -7,6 +7,7 @@ searches and SIFT run concurrently, and the document store opens one SQLite conn
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Literal
@@ -111,6 +112,12 @@ class Retriever:
         result.timings_ms["embed_ms"] = embed_ms
         result.timings_ms["total_ms"] += embed_ms
         return result
+
+    async def retrieve_async(
+        self, text: str, *, n: int | None = None, strategy: Strategy | None = None, lam: float | None = None
+    ) -> Retrieval:
+        """`retrieve` off the event loop (in its default executor): what a replica's pipeline awaits."""
+        return await asyncio.to_thread(self.retrieve, text, n=n, strategy=strategy, lam=lam)
 
     def retrieve_embeddings(
         self,

@@ -1,12 +1,14 @@
-"""Inference engines behind one contract (base.py): transformers + PEFT, and vLLM."""
+"""Inference engines behind one contract (base.py): transformers + PEFT, and vLLM.
+
+Importing this package loads no model library: each engine module imports its own (torch, vLLM), and the
+composition root (ttserve/serving/replica.py) imports only the one configured.
+"""
 
 from __future__ import annotations
 
-from ttserve.config import Settings
-from ttserve.engines.base import (
+from ttserve.contract import (
     Adapter,
     ContextLengthError,
-    Engine,
     GenerationChunk,
     PromptScores,
     SamplingParams,
@@ -14,7 +16,7 @@ from ttserve.engines.base import (
     Usage,
     collect,
 )
-from ttserve.training import TestTimeTrainer
+from ttserve.engines.base import Engine
 
 __all__ = [
     "Adapter",
@@ -26,25 +28,4 @@ __all__ = [
     "TokenLogprob",
     "Usage",
     "collect",
-    "start_engine",
 ]
-
-
-async def start_engine(settings: Settings, trainer: TestTimeTrainer) -> Engine:
-    """The configured engine for the trainer's model. Call from the event loop that will serve it."""
-    if settings.engine.kind == "transformers":
-        from ttserve.engines.transformers import TransformersEngine
-
-        return TransformersEngine(trainer, max_model_len=settings.engine.max_model_len)
-    from ttserve.adapter_cache import default_scratch_root
-    from ttserve.engines.vllm import VLLMEngine
-
-    engine = VLLMEngine(
-        trainer.base_name,
-        settings.engine,
-        settings.training,
-        dtype=settings.model.dtype,
-        scratch_dir=settings.adapters.scratch_dir or default_scratch_root(),
-        max_adapters=settings.adapters.max_adapters,
-    )
-    return await engine.start()

@@ -1,20 +1,14 @@
 """The transformers + PEFT engine: the embedded default, for small models and CPU hosts.
 
-It serves from the trainer's own PEFT-wrapped model, so the base weights exist once in memory. Adapters are
-loaded into that model under their own names. Each inference forward pass routes every LoRA layer to the
-request's adapter (or switches the layers off for the base model) and routes them back to the adapter
-being trained ("default") before it lets go of the model lock, so a request only ever runs with the
-adapter it asked for and the adapter being trained is never used for inference.
+It serves from the trainer's own PEFT-wrapped model (`SharedModel`), so the base weights exist once in
+memory. Adapters are loaded into that model under their own names, and each forward pass runs inside
+`SharedModel.routed(adapter)`, which holds the model's one lock and routes every LoRA layer to the
+request's adapter (or none) for that pass only. How and why is in shared_model.py.
 
-Why not PEFT's per-call `adapter_names`: it walks every module of the model on each forward pass to
-install hooks, and the module count grows with each loaded adapter. Routing the LoRA layers directly
-costs the same whatever the cache holds. PEFT's `set_adapter` is not used either: it also flips
-`requires_grad` on the parameters the trainer optimises.
-
-Concurrency: each request decodes in its own worker thread; every forward pass (and every training step)
-holds the trainer's `forward_lock`, so requests and training interleave token by token and never overlap.
-Batching across requests is left out: on the small models this engine is for, one sequence per forward is
-already latency-bound, and vLLM is the engine for throughput.
+Concurrency: each request decodes in a thread of this engine's pool, one forward pass at a time under the
+shared lock, so requests and training steps interleave token by token (ttserve/threads.py has the whole
+picture). Batching across requests is left out: on the small models this engine is for, one sequence per
+forward is already latency-bound, and vLLM is the engine for throughput.
 """
 
 from __future__ import annotations
@@ -24,116 +18,57 @@ import os
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
 
-from ttserve.engines.base import (
-    Adapter,
-    Engine,
-    GenerationChunk,
-    PromptScores,
-    SamplingParams,
-    TokenLogprob,
-    Usage,
-    directory_bytes,
-)
-from ttserve.training import TestTimeTrainer
-
-BASE = "__base__"  # the base model: every LoRA layer switched off
+from ttserve.contract import Adapter, GenerationChunk, PromptScores, SamplingParams, TokenLogprob, Usage
+from ttserve.engines.base import Engine
+from ttserve.shared_model import SharedModel
 
 
 class TransformersEngine(Engine):
-    def __init__(self, trainer: TestTimeTrainer, max_model_len: int | None = None, max_concurrency: int = 16):
+    def __init__(self, shared: SharedModel, max_model_len: int | None = None, max_concurrency: int = 16):
         super().__init__()
-        self.trainer = trainer
-        self.model = trainer.model  # the PeftModel; its base weights are the trainer's
-        self.tokenizer = trainer.tokenizer
-        self.model_name = trainer.base_name
-        self.device = trainer.device
-        self.max_model_len = min(max_model_len or trainer.loaded.max_length, trainer.loaded.max_length)
-        self._lock = trainer.forward_lock
-        # The LoRA layers, found once: adding an adapter adds entries inside these same layers.
-        self._lora_layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
-        self._training_route = [
-            (layer._active_adapter, layer._disable_adapters) for layer in self._lora_layers
-        ]
+        self.shared = shared
+        self.tokenizer = shared.tokenizer
+        self.model_name = shared.name
+        self.device = shared.device
+        self.max_model_len = min(max_model_len or shared.max_length, shared.max_length)
+        # Decoding threads, and the thread that loads and unloads adapters: all wait on the shared lock.
         self._executor = ThreadPoolExecutor(max_concurrency, thread_name_prefix="ttserve-generate")
-        self._adapters: dict[str, Adapter] = {}
-        eos = trainer.loaded.model.generation_config.eos_token_id
+        eos = shared.loaded.model.generation_config.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         if self.tokenizer.eos_token_id is not None:
             eos.append(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
 
+    @property
+    def model(self) -> torch.nn.Module:
+        """The PEFT-wrapped model this engine serves from: the trainer's own."""
+        return self.shared.peft
+
+    async def _in_thread(self, function: Callable, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
     # --- adapters -----------------------------------------------------------------------------------
-    async def add_adapter(self, path: str | Path) -> Adapter:
-        path = Path(path)
-        name, adapter_id = self._next_adapter_identity()
+    async def _load_adapter(self, adapter: Adapter) -> None:
+        await self._in_thread(self.shared.load_adapter, adapter.path, adapter.name)
 
-        def load() -> None:
-            with self._lock:
-                self.model.load_adapter(str(path), adapter_name=name, is_trainable=False)
-
-        await asyncio.to_thread(load)
-        adapter = Adapter(name=name, id=adapter_id, path=path, bytes=directory_bytes(path))
-        self._adapters[name] = adapter
-        return adapter
-
-    async def remove_adapter(self, adapter: Adapter) -> None:
-        if self._adapters.pop(adapter.name, None) is None:
-            raise KeyError(f"adapter {adapter.name} is not loaded")
-
-        def unload() -> None:
-            with self._lock:
-                self.model.delete_adapter(adapter.name)
-
-        await asyncio.to_thread(unload)
-
-    def loaded_adapters(self) -> set[str]:
-        return set(self._adapters)
-
-    def _adapter_name(self, adapter: Adapter | None) -> str:
-        if adapter is None:
-            return BASE
-        if adapter.name not in self._adapters:
-            raise KeyError(f"adapter {adapter.name} is not loaded")
-        return adapter.name
+    async def _unload_adapter(self, adapter: Adapter) -> None:
+        await self._in_thread(self.shared.delete_adapter, adapter.name)
 
     # --- the model ----------------------------------------------------------------------------------
-    def _forward(self, input_ids: list[int], adapter_name: str, past=None):
+    def _forward(self, input_ids: list[int], adapter: Adapter | None, past=None):
         ids = torch.tensor([input_ids], device=self.device)
-        with self._lock, torch.inference_mode():
-            self._route(adapter_name)
-            try:
-                out = self.model.get_base_model()(input_ids=ids, past_key_values=past, use_cache=True)
-            finally:
-                self._route_back()
+        with self.shared.routed(adapter.name if adapter else None) as model:
+            out = model(input_ids=ids, past_key_values=past, use_cache=True)
         return out.logits[0].float(), out.past_key_values
 
-    def _route(self, adapter_name: str) -> None:
-        """Point every LoRA layer at one adapter, or switch them off for the base model (lock held)."""
-        base = adapter_name == BASE
-        for layer in self._lora_layers:
-            layer._disable_adapters = base
-            if not base:
-                layer._active_adapter = [adapter_name]
-
-    def _route_back(self) -> None:
-        for layer, (active, disabled) in zip(self._lora_layers, self._training_route, strict=True):
-            layer._active_adapter, layer._disable_adapters = active, disabled
-
-    async def score(
-        self, prompt: str | Sequence[int], adapter: Adapter | None = None, top_logprobs: int = 0
-    ) -> PromptScores:
-        prompt_ids = self.prompt_ids(prompt)
-        self.check_context(prompt_ids)
-        ids = list(prompt_ids)
-        name = self._adapter_name(adapter)
+    async def _score(self, prompt_ids: list[int], adapter: Adapter | None, top_logprobs: int) -> PromptScores:
+        ids = prompt_ids
 
         def run() -> PromptScores:
-            logits, _ = self._forward(ids, name)
+            logits, _ = self._forward(ids, adapter)
             logprobs = torch.log_softmax(logits[:-1], dim=-1)
             chosen = logprobs.gather(1, torch.tensor(ids[1:], device=logprobs.device)[:, None])[:, 0].tolist()
             top: list = [None]
@@ -146,10 +81,7 @@ class TransformersEngine(Engine):
                 top=top,
             )
 
-        return await asyncio.get_running_loop().run_in_executor(self._executor, run)
-
-    def decode_token(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
+        return await self._in_thread(run)
 
     def _top(self, logprobs: torch.Tensor, k: int) -> tuple[tuple[int, str, float], ...]:
         values, indices = torch.topk(logprobs, min(k, logprobs.numel()))
@@ -157,16 +89,9 @@ class TransformersEngine(Engine):
             (int(i), self.decode_token(int(i)), float(v)) for v, i in zip(values, indices, strict=True)
         )
 
-    async def generate(
-        self,
-        prompt: str | Sequence[int],
-        params: SamplingParams,
-        adapter: Adapter | None = None,
-        request_id: str | None = None,
+    async def _generate(
+        self, prompt_ids: list[int], params: SamplingParams, adapter: Adapter | None, request_id: str | None
     ) -> AsyncIterator[GenerationChunk]:
-        prompt_ids = self.prompt_ids(prompt)
-        self.check_context(prompt_ids)
-        name = self._adapter_name(adapter)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[GenerationChunk | BaseException] = asyncio.Queue()
         cancel = threading.Event()
@@ -174,7 +99,7 @@ class TransformersEngine(Engine):
         def emit(item: GenerationChunk | BaseException) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
-        loop.run_in_executor(self._executor, self._decode, list(prompt_ids), params, name, emit, cancel)
+        loop.run_in_executor(self._executor, self._decode, prompt_ids, params, adapter, emit, cancel)
         try:
             while True:
                 item = await queue.get()
@@ -190,16 +115,16 @@ class TransformersEngine(Engine):
         self,
         prompt_ids: list[int],
         params: SamplingParams,
-        adapter_name: str,
+        adapter: Adapter | None,
         emit: Callable[[GenerationChunk | BaseException], None],
         cancel: threading.Event,
     ) -> None:
         try:
-            self._decode_loop(prompt_ids, params, adapter_name, emit, cancel)
+            self._decode_loop(prompt_ids, params, adapter, emit, cancel)
         except BaseException as error:  # noqa: BLE001 - handed to the awaiting coroutine
             emit(error)
 
-    def _decode_loop(self, prompt_ids, params, adapter_name, emit, cancel) -> None:
+    def _decode_loop(self, prompt_ids, params, adapter, emit, cancel) -> None:
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         generator = torch.Generator(device=self.device).manual_seed(seed)
         stops = StopStrings(params.stop)
@@ -214,7 +139,7 @@ class TransformersEngine(Engine):
         past = None
         next_input = prompt_ids
         while finish is None and not cancel.is_set():
-            logits, past = self._forward(next_input, adapter_name, past)
+            logits, past = self._forward(next_input, adapter, past)
             logits = logits[-1]
             token = sample(logits, params, generator)
             generated.append(token)

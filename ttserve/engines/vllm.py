@@ -24,22 +24,15 @@ from __future__ import annotations
 
 import shutil
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from ttserve.config import EngineConfig, TrainingConfig
-from ttserve.engines.base import (
-    Adapter,
-    Engine,
-    GenerationChunk,
-    PromptScores,
-    SamplingParams,
-    TokenLogprob,
-    Usage,
-    directory_bytes,
-)
+from ttserve.contract import Adapter, GenerationChunk, PromptScores, SamplingParams, TokenLogprob, Usage
+from ttserve.engines.base import Engine
 from ttserve.engines.lora_gate import LoRAGate
+from ttserve.files import scratch_directory
 
 
 class VLLMEngine(Engine):
@@ -81,7 +74,6 @@ class VLLMEngine(Engine):
         self.llm = AsyncLLM.from_engine_args(args)
         self.max_model_len = self.llm.vllm_config.model_config.max_model_len
         self._training = training
-        self._adapters: dict[str, Adapter] = {}
         self._requests: dict[str, object] = {}  # adapter name -> LoRARequest
         self.routes_base_through_zero_adapter = (
             on_cpu if config.zero_adapter_for_base is None else config.zero_adapter_for_base
@@ -96,7 +88,7 @@ class VLLMEngine(Engine):
         from vllm.lora.request import LoRARequest
 
         if self.routes_base_through_zero_adapter and self._zero_request is None:
-            from ttserve.adapter_cache import scratch_directory
+            from ttserve.training.lora import write_zero_adapter
 
             self._zero_dir = scratch_directory(self._scratch_root, prefix="ttserve-zero-adapter")
             write_zero_adapter(self.model_name, self._training, self._zero_dir)
@@ -108,26 +100,16 @@ class VLLMEngine(Engine):
         return self
 
     # --- adapters -----------------------------------------------------------------------------------
-    async def add_adapter(self, path: str | Path) -> Adapter:
+    async def _load_adapter(self, adapter: Adapter) -> None:
         from vllm.lora.request import LoRARequest
 
-        path = Path(path)
-        name, adapter_id = self._next_adapter_identity()
-        request = LoRARequest(name, adapter_id, str(path), base_model_name=self.model_name)
+        request = LoRARequest(adapter.name, adapter.id, str(adapter.path), base_model_name=self.model_name)
         await self.llm.add_lora(request)
-        adapter = Adapter(name=name, id=adapter_id, path=path, bytes=directory_bytes(path))
-        self._adapters[name] = adapter
-        self._requests[name] = request
-        return adapter
+        self._requests[adapter.name] = request
 
-    async def remove_adapter(self, adapter: Adapter) -> None:
-        if self._adapters.pop(adapter.name, None) is None:
-            raise KeyError(f"adapter {adapter.name} is not loaded")
+    async def _unload_adapter(self, adapter: Adapter) -> None:
         del self._requests[adapter.name]
         await self.llm.remove_lora(adapter.id)
-
-    def loaded_adapters(self) -> set[str]:
-        return set(self._adapters)
 
     async def engine_lora_ids(self) -> set[int]:
         """What vLLM itself holds (its CPU cache), zero adapter excluded: for leak checks."""
@@ -136,17 +118,11 @@ class VLLMEngine(Engine):
             ids.discard(self._zero_request.lora_int_id)
         return ids
 
-    def _lora_request(self, adapter: Adapter):
-        request = self._requests.get(adapter.name)
-        if request is None:
-            raise KeyError(f"adapter {adapter.name} is not loaded")
-        return request
-
     @asynccontextmanager
     async def _admitted(self, adapter: Adapter | None) -> AsyncIterator[object | None]:
         """The LoRARequest to send (None: plain base), held for as long as the request is in vLLM."""
         if adapter is not None:
-            request = self._lora_request(adapter)
+            request = self._requests[adapter.name]
             if not self.routes_base_through_zero_adapter:
                 yield request
                 return
@@ -176,20 +152,12 @@ class VLLMEngine(Engine):
             **extra,
         )
 
-    async def generate(
-        self,
-        prompt: str | Sequence[int],
-        params: SamplingParams,
-        adapter: Adapter | None = None,
-        request_id: str | None = None,
+    async def _generate(
+        self, prompt_ids: list[int], params: SamplingParams, adapter: Adapter | None, request_id: str | None
     ) -> AsyncIterator[GenerationChunk]:
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
-        prompt_ids = self.prompt_ids(prompt)
-        self.check_context(prompt_ids)
-        if adapter is not None:
-            self._lora_request(adapter)  # an unknown adapter fails before anything is queued
         max_tokens = min(params.max_tokens, self.max_model_len - len(prompt_ids))
         if max_tokens == 0:  # vLLM needs at least one token; nothing to generate is an answer too
             yield GenerationChunk(finish_reason="length", usage=Usage(len(prompt_ids), 0))
@@ -235,18 +203,11 @@ class VLLMEngine(Engine):
         ranked = sorted(position.items(), key=lambda item: -item[1].logprob)[:k]
         return tuple((token, self.decode_token(token), entry.logprob) for token, entry in ranked)
 
-    def decode_token(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
-
-    async def score(
-        self, prompt: str | Sequence[int], adapter: Adapter | None = None, top_logprobs: int = 0
-    ) -> PromptScores:
+    async def _score(self, prompt_ids: list[int], adapter: Adapter | None, top_logprobs: int) -> PromptScores:
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
-        prompt_ids = self.prompt_ids(prompt)
-        self.check_context(prompt_ids)
-        ids = list(prompt_ids)
+        ids = prompt_ids
         sampling = self._sampling_params(
             SamplingParams(temperature=0),
             max_tokens=1,  # vLLM always samples one token; it is discarded
@@ -254,8 +215,6 @@ class VLLMEngine(Engine):
             output_kind=RequestOutputKind.FINAL_ONLY,
         )
         final = None
-        if adapter is not None:
-            self._lora_request(adapter)
         async with self._admitted(adapter) as lora:
             async for output in self.llm.generate(
                 TokensPrompt(prompt_token_ids=ids), sampling, uuid.uuid4().hex, lora_request=lora
@@ -276,30 +235,3 @@ class VLLMEngine(Engine):
         self.llm.shutdown = lambda *args, **kwargs: None
         if self._zero_dir is not None:
             shutil.rmtree(self._zero_dir, ignore_errors=True)
-
-
-def write_zero_adapter(model: str, training: TrainingConfig, directory: Path) -> Path:
-    """A PEFT adapter with every weight zero, shaped like the adapters the trainer makes for `model`.
-
-    The model is built on the meta device (no weights read or allocated) just to learn the module shapes.
-    """
-    import torch
-    from peft import get_peft_model, get_peft_model_state_dict
-    from safetensors.torch import save_file
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from ttserve.training.lora import lora_config
-
-    model_config = AutoConfig.from_pretrained(model)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(model_config)
-    lora = lora_config(training, getattr(model_config, "model_type", ""), model)
-    peft_model = get_peft_model(skeleton, lora)
-    state = {
-        key: torch.zeros(value.shape, dtype=torch.float32)
-        for key, value in get_peft_model_state_dict(peft_model).items()
-    }
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(directory / "adapter_model.safetensors"))
-    peft_model.peft_config["default"].save_pretrained(str(directory))  # target modules as resolved
-    return directory

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import (
@@ -34,6 +35,18 @@ from pydantic import (
     field_validator,
     model_serializer,
     model_validator,
+)
+
+from ttserve.contract import (
+    Decision,
+    GenerateRequest,
+    Mode,
+    NoChatTemplateError,
+    NotReadyError,
+    RequestError,
+    SamplingParams,
+    Strategy,
+    TTTOutcome,
 )
 
 if TYPE_CHECKING:
@@ -125,6 +138,15 @@ class APIError(Exception):
     def unavailable(cls, message: str = "The server is overloaded or not ready yet.") -> APIError:
         return cls(503, message, "service_unavailable")
 
+    @classmethod
+    def of_request_error(cls, error: RequestError) -> APIError:
+        """The status and body for a domain error (ttserve.contract): the one place that maps them."""
+        if isinstance(error, NoChatTemplateError):
+            return cls.unprocessable(error.message, error.param)
+        if isinstance(error, NotReadyError):
+            return cls.unavailable(error.message)
+        return cls.bad_request(error.message, error.param)  # InvalidRequest, ContextLengthError
+
 
 def validation_error_to_api_error(exc: ValidationError | RequestValidationError) -> APIError:
     """A 400 naming the first invalid parameter, worded like OpenAI's own errors.
@@ -201,10 +223,10 @@ class _RequestModel(BaseModel):
 class TTTOptions(_RequestModel):
     """The request's optional `ttt` object: per-request overrides of the server's test-time training."""
 
-    strategy: Literal["sift", "knn"] | None = None
+    strategy: Strategy | None = None
     # JSON key "lambda" (a Python keyword): SIFT's regularization; larger values favour diversity.
     lam: Float | None = Field(None, alias="lambda", gt=0)
-    mode: Literal["auto", "always", "off"] | None = None  # see ttserve.policy
+    mode: Mode | None = None  # see ttserve.policy
     deadline_s: Float | None = Field(None, gt=0)  # seconds for test-time training to start and finish
     n: Int | None = Field(None, ge=1)  # sequences to retrieve
 
@@ -278,6 +300,30 @@ class _SamplingRequest(_RequestModel):
         """Whether a stream ends with a usage chunk (non-streamed responses always carry usage)."""
         return self.stream_options is not None and self.stream_options.include_usage
 
+    def _generate_request(
+        self, *, max_tokens: int | None, logprobs: int | None, **prompt: Any
+    ) -> GenerateRequest:
+        """What both endpoints send the pipeline; `prompt` is `prompt=` or `messages=` (+ prompt_logprobs)."""
+        ttt = self.ttt or TTTOptions()
+        return GenerateRequest(
+            max_tokens=max_tokens,
+            sampling=SamplingParams(
+                temperature=self.temperature,
+                top_p=self.top_p,
+                stop=tuple(self.normalized_stop()),
+                seed=self.seed,
+                logprobs=logprobs,
+            ),
+            compute_budget=self.compute_budget,
+            strategy=ttt.strategy,
+            lam=ttt.lam,
+            mode=ttt.mode,
+            deadline_s=ttt.deadline_s,
+            n=ttt.n,
+            request_id=uuid.uuid4().hex,
+            **prompt,
+        )
+
 
 def _text_content(value: Any) -> Any:
     # Content is a string or a list of text parts; parts are joined with "\n", as vLLM does, so the
@@ -328,6 +374,12 @@ class ChatCompletionRequest(_SamplingRequest):
             for m in self.messages
         ]
 
+    def to_generate_request(self) -> GenerateRequest:
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return self._generate_request(
+            max_tokens=self.max_new_tokens, logprobs=logprobs, messages=self.chat_messages()
+        )
+
 
 def _single_prompt(value: Any) -> Any:
     # OpenAI accepts a batch of prompts; we serve one prompt (one adapter) per request, so a batch of one
@@ -375,6 +427,13 @@ class CompletionRequest(_SamplingRequest):
     def prompt_is_tokens(self) -> bool:
         return isinstance(self.prompt, list)
 
+    def to_generate_request(self) -> GenerateRequest:
+        # echo + logprobs scores the prompt too (what lm-evaluation-harness's loglikelihood requests send).
+        scored = self.logprobs if self.echo and self.logprobs is not None else None
+        return self._generate_request(
+            max_tokens=self.max_tokens, logprobs=self.logprobs, prompt=self.prompt, prompt_logprobs=scored
+        )
+
 
 # ----------------------------------------------------------------------------------------- responses
 
@@ -398,7 +457,7 @@ class TTTInfo(_ResponseModel):
     # trained: a new adapter answered; reused: an adapter cached from an identical earlier request answered;
     # skipped: the policy chose the base model (budget 0, mode off, too little predicted gain);
     # fallback: training was wanted but could not happen (deadline, full queue, a fault), base model answered.
-    decision: Literal["trained", "reused", "skipped", "fallback"] = "skipped"
+    decision: Decision = "skipped"
     trained: bool = False
     steps: int = 0  # gradient steps taken
     budget: int  # the compute budget the request got (after the server's default and cap)
@@ -414,6 +473,10 @@ class TTTInfo(_ResponseModel):
     cached: bool = False  # the adapter was reused from the cache rather than trained
     strategy: str
     retrieval_ms: float = 0.0
+
+    @classmethod
+    def of(cls, outcome: TTTOutcome) -> TTTInfo:
+        return cls(**asdict(outcome), trained=outcome.trained)
 
 
 class UsageInfo(_ResponseModel):
@@ -435,7 +498,7 @@ class TopLogprob(_ResponseModel):
     bytes: list[int] | None = None  # the token's UTF-8 bytes
 
 
-class TokenLogprob(_ResponseModel):
+class ChatCompletionTokenLogprob(_ResponseModel):
     token: str
     logprob: float
     bytes: list[int] | None = None
@@ -443,7 +506,7 @@ class TokenLogprob(_ResponseModel):
 
 
 class ChatLogprobs(_ResponseModel):
-    content: list[TokenLogprob] | None = None
+    content: list[ChatCompletionTokenLogprob] | None = None
 
 
 class ChatResponseMessage(_ResponseModel):

@@ -1,6 +1,8 @@
-"""LoRA adapter settings per architecture."""
+"""What ttserve's LoRA adapters look like, per architecture: the trained ones and the all-zero one."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from peft import LoraConfig
 
@@ -33,3 +35,29 @@ def lora_config(config: TrainingConfig, model_type: str, base_model_name: str) -
         task_type="CAUSAL_LM",
         base_model_name_or_path=base_model_name,
     )
+
+
+def write_zero_adapter(model: str, training: TrainingConfig, directory: Path) -> Path:
+    """A PEFT adapter with every weight zero, shaped like the adapters the trainer makes for `model`.
+
+    The vLLM engine sends base requests through it on CPU (see engines/vllm.py). The model is built on the
+    meta device (no weights read or allocated) just to learn the module shapes.
+    """
+    import torch
+    from peft import get_peft_model, get_peft_model_state_dict
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_config = AutoConfig.from_pretrained(model)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(model_config)
+    lora = lora_config(training, getattr(model_config, "model_type", ""), model)
+    peft_model = get_peft_model(skeleton, lora)
+    state = {
+        key: torch.zeros(value.shape, dtype=torch.float32)
+        for key, value in get_peft_model_state_dict(peft_model).items()
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(directory / "adapter_model.safetensors"))
+    peft_model.peft_config["default"].save_pretrained(str(directory))  # target modules as resolved
+    return directory

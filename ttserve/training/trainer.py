@@ -4,20 +4,18 @@ The protocol:
 - one gradient step per selected sequence, in selection order, batch size 1;
 - a sequence picked twice gets two steps;
 - a sequence longer than `max_length` tokens becomes consecutive chunks, one step each;
-- AdamW (lr 5e-5, eps 1e-8) with gradient clipping at 1.0.
+- AdamW (`training.learning_rate`, eps 1e-8) with gradient clipping at 1.0. LoRA needs a larger step than
+  the paper's full fine-tuning at 5e-5; the default and why are in config.py and BENCHMARKS.md.
 
 Every request starts from the base weights with a FRESH adapter and a FRESH optimizer. The reference
 code (tttlm) carries optimizer state across prompts, which leaks one prompt into the next; here that
 is impossible.
 
-The model is wrapped with PEFT once per process. A request then only copies the adapter's initial
-values back (lora_A's seeded random init and lora_B's zeros: a few MB at most) and builds a new
-optimizer. `TrainingRun.setup_ms` measures that cost. The base weights are never touched. The trainer
-serialises requests with a lock: one adapter lives in the wrapped model at a time.
-
-The transformers engine serves from this same wrapped model (no second copy of the base weights). Each
-training step holds `forward_lock`, as does each of the engine's forward passes, so inference interleaves
-with training step by step; inference never uses the adapter being trained (see engines/transformers.py).
+The model is wrapped with PEFT once per process (`SharedModel`). A request then only copies the adapter's
+initial values back and builds a new optimizer; `TrainingRun.setup_ms` measures that cost. The base weights
+are never touched. A trainer holds one adapter, so sessions are serialised by the trainer's session lock;
+each step also holds the shared model's lock, which is what lets the transformers engine serve from the
+same weights in between (see shared_model.py).
 """
 
 from __future__ import annotations
@@ -27,29 +25,14 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from peft import get_peft_model, get_peft_model_state_dict
 
 from ttserve.config import TrainingConfig
+from ttserve.contract import TrainingRun
 from ttserve.lm import LoadedModel
-from ttserve.training.lora import lora_config
-
-ADAPTER = "default"  # PEFT saves a non-default adapter into a sub-directory; one adapter at a time here
-
-
-@dataclass
-class TrainingRun:
-    """What one request's training did."""
-
-    steps: int = 0
-    tokens: int = 0
-    seconds: float = 0.0
-    setup_ms: float = 0.0
-    losses: list[float] = field(default_factory=list)
-    stopped: str = "completed"  # completed | budget | deadline | cancelled
+from ttserve.shared_model import SharedModel
 
 
 class TestTimeTrainer:
@@ -57,25 +40,21 @@ class TestTimeTrainer:
 
     def __init__(self, loaded: LoadedModel, config: TrainingConfig | None = None):
         self.config = config or TrainingConfig()
-        self.loaded = loaded
+        self.shared = SharedModel(loaded, self.config)
         self.tokenizer = loaded.tokenizer
         self.base_name = loaded.name
         self.device = loaded.device
         self.max_length = min(self.config.max_length, loaded.max_length)
-        for parameter in loaded.model.parameters():
-            parameter.requires_grad_(False)
-        # Seeded so that the adapter's initial lora_A (PEFT draws it at random) is the same in every process.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.config.seed)
-            model_type = getattr(loaded.model.config, "model_type", "")
-            self.model = get_peft_model(
-                loaded.model, lora_config(self.config, model_type, loaded.name), adapter_name=ADAPTER
-            )
-        self.model.eval()  # no dropout in the base model; LoRA dropout (if any) is applied by PEFT in train()
-        self.trainable_parameters = [p for n, p in self.model.named_parameters() if p.requires_grad]
-        self._initial = [p.detach().clone() for p in self.trainable_parameters]
-        self._lock = threading.Lock()  # one session at a time
-        self.forward_lock = threading.Lock()  # one forward (+ backward) pass on the shared model at a time
+        self._session_lock = threading.Lock()  # one session at a time: the trainer holds one adapter
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The PEFT-wrapped model, its training adapter active (shared with the transformers engine)."""
+        return self.shared.peft
+
+    @property
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return self.shared.trainable_parameters
 
     def chunks(self, texts: Sequence[str]) -> Iterator[list[int]]:
         """Training steps in order: each text tokenized (BOS-prefixed) and cut into max_length pieces."""
@@ -92,11 +71,9 @@ class TestTimeTrainer:
     @contextmanager
     def session(self) -> Iterator[TrainingSession]:
         """Exclusive use of the model with a fresh adapter and a fresh optimizer."""
-        with self._lock:
+        with self._session_lock:
             started = time.perf_counter()
-            with torch.no_grad():
-                for parameter, initial in zip(self.trainable_parameters, self._initial, strict=True):
-                    parameter.copy_(initial)
+            self.shared.reset_training_adapter()
             optimizer = torch.optim.AdamW(
                 self.trainable_parameters,
                 lr=self.config.learning_rate,
@@ -168,18 +145,14 @@ class TrainingSession:
                     break
                 piece = self._queue.popleft()
                 input_ids = torch.tensor([piece], device=self.trainer.device)
-                with self.trainer.forward_lock:
-                    self.model.train()  # train mode only while the lock is held: inference sees eval mode
-                    try:
-                        loss = self.model(input_ids=input_ids, labels=input_ids).loss
-                        loss.backward()
-                        if config.max_grad_norm is not None:
-                            torch.nn.utils.clip_grad_norm_(
-                                self.trainer.trainable_parameters, config.max_grad_norm
-                            )
-                        self.optimizer.step()
-                    finally:
-                        self.model.eval()
+                with self.trainer.shared.training_step() as model:
+                    loss = model(input_ids=input_ids, labels=input_ids).loss
+                    loss.backward()
+                    if config.max_grad_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(
+                            self.trainer.trainable_parameters, config.max_grad_norm
+                        )
+                    self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.run.losses.append(float(loss.detach()))
                 self.run.tokens += len(piece)
@@ -193,13 +166,8 @@ class TrainingSession:
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
         """The adapter's weights in PEFT's saved format (CPU copies)."""
-        with self.trainer.forward_lock:  # the engine may be adding or removing adapters in another thread
-            state = get_peft_model_state_dict(self.model, adapter_name=ADAPTER)
-        return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+        return self.trainer.shared.training_adapter_state()
 
     def save(self, output_dir: str | Path) -> Path:
         """Write the adapter in standard PEFT format (adapter_model.safetensors + adapter_config.json)."""
-        output_dir = Path(output_dir)
-        with self.trainer.forward_lock:
-            self.model.save_pretrained(str(output_dir), selected_adapters=[ADAPTER])
-        return output_dir
+        return self.trainer.shared.save_training_adapter(output_dir)

@@ -1,0 +1,355 @@
+"""The request pipeline through its seams: stand-ins for the engine, trainer and retrieval, the real policy,
+adapter cache and training thread. Every decision the pipeline makes, without loading a model.
+
+The stand-ins are deliberately simple and observable: the engine answers with the name of the adapter it
+was asked to use, the trainer writes a one-file adapter directory and reports the run it was told to
+report, and retrieval is real SIFT over embeddings derived from the prompt's text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ttserve.adapter_cache import AdapterCache
+from ttserve.config import PolicyConfig, ServerConfig, TrainingConfig
+from ttserve.contract import (
+    Adapter,
+    ContextLengthError,
+    GenerateRequest,
+    GenerationChunk,
+    InvalidRequest,
+    NoChatTemplateError,
+    PromptScores,
+    SamplingParams,
+    TrainingRun,
+    Usage,
+)
+from ttserve.datastore import StoredSequence
+from ttserve.engines.base import Engine
+from ttserve.pipeline import RequestPipeline
+from ttserve.policy import Policy
+from ttserve.retrieval import Retrieval
+from ttserve.selection import sift
+
+
+class ByteTokenizer:
+    """Token i is byte i: enough of a Hugging Face tokenizer for the pipeline and the engine base class."""
+
+    chat_template = "role: content"
+
+    def __len__(self) -> int:
+        return 256
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        return {"input_ids": list(text.encode())}
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return bytes(ids).decode(errors="replace")
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool, tokenize: bool) -> str:
+        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+
+
+class NamingEngine(Engine):
+    """Answers with the name of the adapter it ran with ("base" for none), one character per chunk."""
+
+    def __init__(self, max_model_len: int = 512):
+        super().__init__()
+        self.tokenizer = ByteTokenizer()
+        self.model_name = "fake-model"
+        self.max_model_len = max_model_len
+        self.loads: list[str] = []
+
+    async def _generate(self, prompt_ids, params, adapter, request_id):
+        text = adapter.name if adapter else "base"
+        for character in text[: params.max_tokens]:
+            yield GenerationChunk(text=character, token_ids=[ord(character)])
+        yield GenerationChunk(finish_reason="stop", usage=Usage(len(prompt_ids), len(text)))
+
+    async def _score(self, prompt_ids, adapter, top_logprobs) -> PromptScores:
+        n = len(prompt_ids)
+        return PromptScores(prompt_ids, [chr(t) for t in prompt_ids], [None] + [-1.0] * (n - 1), [None] * n)
+
+    async def _load_adapter(self, adapter: Adapter) -> None:
+        assert (adapter.path / "adapter_config.json").is_file(), "the cache loaded a half-written adapter"
+        self.loads.append(adapter.name)
+
+    async def _unload_adapter(self, adapter: Adapter) -> None:
+        pass
+
+
+@dataclass
+class ScriptedTrainer:
+    """Writes an adapter directory and reports `seconds_per_step` per step; can fail, or hold until released."""
+
+    base_name: str = "fake-model"
+    seconds_per_step: float = 0.01
+    fail: Exception | None = None
+    hold: threading.Event | None = None
+    calls: list[list[str]] = field(default_factory=list)
+    started: threading.Event = field(default_factory=threading.Event)
+
+    def train(self, texts, max_steps, output_dir=None, deadline=None, cancel=None) -> TrainingRun:
+        self.calls.append(list(texts))
+        self.started.set()
+        run = TrainingRun()
+        for _ in range(max_steps):
+            if self.hold is not None:
+                while not self.hold.wait(0.01):
+                    if cancel is not None and cancel.is_set():
+                        break
+            if cancel is not None and cancel.is_set():
+                run.stopped = "cancelled"
+                break
+            if self.fail is not None:
+                raise self.fail
+            run.steps += 1
+            run.tokens += 10
+            run.seconds += self.seconds_per_step
+        if output_dir is not None:
+            Path(output_dir).mkdir(parents=True)
+            (Path(output_dir) / "adapter_config.json").write_text("{}")
+        return run
+
+
+class FakeRetrieval:
+    """Real SIFT over 64 candidates whose embeddings depend on the prompt's text, so different prompts pick
+    different sequences and the same prompt picks the same ones. Counts its calls; can fail or hang."""
+
+    def __init__(self):
+        self.calls = 0
+        self.fail: Exception | None = None
+        self.hang = False
+
+    async def __call__(self, text: str, *, n=None, strategy=None, lam=None) -> Retrieval:
+        self.calls += 1
+        if self.fail is not None:
+            raise self.fail
+        if self.hang:
+            await asyncio.sleep(3600)
+        rng = np.random.default_rng(sum(text.encode()))
+        candidates = rng.standard_normal((64, 16)).astype(np.float32)
+        candidates /= np.linalg.norm(candidates, axis=1, keepdims=True)
+        query = candidates[:4].mean(0)
+        picked = sift(candidates, query / np.linalg.norm(query), n or 8, lam=lam or 1.0)
+        ids = [int(i) for i in picked.indices]
+        sequences = [StoredSequence(i, f"doc-{i}", 0, f"text {i}", "fake", {}) for i in ids]
+        return Retrieval(
+            ids, sequences, picked.variances, strategy or "sift", lam or 1.0, 1, 64, {"total_ms": 1.0}
+        )
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Rig:
+    pipeline: RequestPipeline
+    engine: NamingEngine
+    trainer: ScriptedTrainer
+    retrieval: FakeRetrieval
+    clock: Clock
+    loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
+
+    def run(self, coroutine):
+        """On the rig's one event loop, as a replica runs every request on its own."""
+        return self.loop.run_until_complete(coroutine)
+
+
+@pytest.fixture
+def rig(tmp_path):
+    def build(**limits) -> Rig:
+        engine, trainer, retrieval, clock = NamingEngine(), ScriptedTrainer(), FakeRetrieval(), Clock()
+        pipeline = RequestPipeline(
+            engine=engine,
+            trainer=trainer,
+            training=TrainingConfig(),
+            adapters=AdapterCache(engine, max_adapters=2, scratch_dir=tmp_path),
+            policy=Policy(PolicyConfig(), gain_model=None),
+            retrieve=retrieval,
+            limits=ServerConfig(**{"default_compute_budget": 0, "max_compute_budget": 64, **limits}),
+            clock=clock,
+        )
+        return Rig(pipeline, engine, trainer, retrieval, clock)
+
+    rigs: list[Rig] = []
+
+    def make(**limits) -> Rig:
+        rigs.append(build(**limits))
+        return rigs[-1]
+
+    yield make
+    for made in rigs:
+        made.pipeline.close()
+        made.run(made.pipeline.adapters.close())
+        made.loop.close()
+
+
+def ask(rig: Rig, prompt: str = "def parse(path):", **options) -> tuple:
+    request = GenerateRequest(prompt=prompt, max_tokens=32, sampling=SamplingParams(temperature=0), **options)
+    started, whole = rig.run(rig.pipeline.complete(request))
+    return started.ttt, whole.text
+
+
+# --- decisions ----------------------------------------------------------------------------------------------
+def test_the_policy_skips_before_retrieval(rig):
+    r = rig()
+    for options, reason in [
+        ({}, "compute budget is 0"),  # the server default here
+        ({"compute_budget": 8, "mode": "off"}, "test-time training is off"),
+        ({"compute_budget": 8, "prompt": "   "}, "the prompt has no text to retrieve for"),
+    ]:
+        ttt, text = ask(r, **options)
+        assert (ttt.decision, ttt.reason, text) == ("skipped", reason, "base"), options
+    assert r.retrieval.calls == 0 and r.trainer.calls == []
+    r.pipeline.retrieve = None
+    assert ask(r, compute_budget=8)[0].reason == "no datastore is configured"
+
+
+def test_a_trained_adapter_answers_and_an_identical_request_reuses_it(rig):
+    r = rig()
+    first, text = ask(r, compute_budget=4, mode="always")
+    assert first.decision == "trained" and first.trained and not first.cached
+    assert first.steps == 4 and first.training_tokens == 40 and first.training_seconds == pytest.approx(0.04)
+    assert text == r.engine.loads[0] and first.adapter_id and len(first.selected_ids) == 8
+    assert first.uncertainty_after < first.uncertainty_before
+    again, text_again = ask(r, compute_budget=4, mode="always")
+    assert again.decision == "reused" and again.cached and again.training_seconds == 0.0
+    assert again.adapter_id == first.adapter_id and text_again == text and len(r.trainer.calls) == 1
+    other, other_text = ask(r, prompt="class Cache:", compute_budget=4, mode="always")
+    assert other.adapter_id != first.adapter_id and other_text != text  # never another request's adapter
+    assert r.pipeline.stats().cache_hits == 1 and r.pipeline.stats().cache_misses == 2
+
+
+def test_concurrent_identical_requests_train_once(rig):
+    r = rig()
+    request = GenerateRequest(prompt="import json", max_tokens=32, compute_budget=3, mode="always")
+
+    async def both():
+        return await asyncio.gather(r.pipeline.complete(request), r.pipeline.complete(request))
+
+    (a, text_a), (b, text_b) = r.run(both())
+    assert sorted([a.ttt.decision, b.ttt.decision]) == ["reused", "trained"]
+    assert text_a == text_b and len(r.trainer.calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("fault", "expected"),
+    [
+        ("retrieval", "retrieval failed (ConnectionError: shard down)"),
+        ("training", "test-time training failed"),
+    ],
+)
+def test_a_fault_falls_back_to_the_base_model(rig, fault, expected):
+    r = rig()
+    if fault == "retrieval":
+        r.retrieval.fail = ConnectionError("shard down")
+    else:
+        r.trainer.fail = MemoryError("out of memory (injected)")
+    ttt, text = ask(r, compute_budget=4, mode="always")
+    assert ttt.decision == "fallback" and not ttt.trained and ttt.adapter_id is None
+    assert expected in ttt.reason and ttt.reason.endswith("answered with the base model")
+    assert text == "base"
+    assert list(r.pipeline.adapters.directory.iterdir()) == []  # nothing half-written left behind
+
+
+def test_retrieval_that_hangs_times_out_into_a_fallback(rig):
+    r = rig(retrieval_timeout_s=0.05)
+    r.retrieval.hang = True
+    ttt, text = ask(r, compute_budget=4, mode="always")
+    assert ttt.decision == "fallback" and "retrieval failed (TimeoutError" in ttt.reason and text == "base"
+
+
+def test_a_full_training_queue_falls_back_at_once(rig):
+    r = rig(max_queued_trainings=1)
+    r.trainer.hold = threading.Event()
+    held = GenerateRequest(prompt="import os", max_tokens=32, compute_budget=2, mode="always")
+
+    async def scenario():
+        first = asyncio.ensure_future(r.pipeline.complete(held))
+        assert await asyncio.to_thread(r.trainer.started.wait, 10)
+        queued = r.pipeline.stats()
+        refused = await r.pipeline.complete(
+            GenerateRequest(prompt="import sys", compute_budget=2, mode="always")
+        )
+        r.trainer.hold.set()
+        return queued, refused, await first
+
+    queued, (refused, answer), (first, _) = r.run(scenario())
+    assert queued.trainings_queued == 1 and queued.training_steps_queued == 2
+    assert (
+        refused.ttt.decision == "fallback" and "the training queue is full (1 requests)" in refused.ttt.reason
+    )
+    assert answer.text == "base" and first.ttt.decision == "trained"
+
+
+def test_a_deadline_the_trainer_cannot_meet_is_refused_before_training(rig):
+    r = rig()
+    r.trainer.seconds_per_step = 1.0  # what the training thread learns from the first run
+    ask(r, compute_budget=2, mode="always")
+    ttt, text = ask(r, prompt="another prompt", compute_budget=4, mode="always", deadline_s=3.0)
+    assert ttt.decision == "fallback" and "about 4.0s needed, 3.0s left" in ttt.reason and text == "base"
+    assert len(r.trainer.calls) == 1
+    r.clock.now += 100  # the pipeline's clock, not the wall clock, measures the deadline
+    assert (
+        ask(r, prompt="another prompt", compute_budget=2, mode="always", deadline_s=3.0)[0].decision
+        == "trained"
+    )
+
+
+def test_a_cancelled_request_stops_its_training_and_frees_the_queue(rig):
+    r = rig()
+    r.trainer.hold = threading.Event()
+
+    async def scenario():
+        task = asyncio.ensure_future(
+            r.pipeline.complete(GenerateRequest(prompt="import re", compute_budget=5, mode="always"))
+        )
+        assert await asyncio.to_thread(r.trainer.started.wait, 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    r.run(scenario())
+    stats = r.pipeline.stats()
+    assert stats.trainings_queued == 0 and stats.training_steps_queued == 0 and stats.adapters_cached == 0
+    assert list(r.pipeline.adapters.directory.iterdir()) == []
+    r.trainer.hold = None
+    assert ask(r, prompt="import re", compute_budget=5, mode="always")[0].decision == "trained"
+
+
+# --- refusals: raised before anything is yielded, with the request field they concern ------------------------
+def test_bad_requests_are_refused_with_their_field(rig):
+    r = rig()
+    refusals = [
+        (GenerateRequest(prompt="x", compute_budget=65), InvalidRequest, "compute_budget"),
+        (GenerateRequest(prompt=[1, 2, 999]), InvalidRequest, "prompt"),
+        (GenerateRequest(prompt="x" * 600), ContextLengthError, "prompt"),
+        (GenerateRequest(messages=[{"role": "user", "content": "x" * 600}]), ContextLengthError, "messages"),
+    ]
+    for request, kind, param in refusals:
+        with pytest.raises(kind) as refused:
+            r.run(anext(r.pipeline.stream(request)))
+        assert refused.value.param == param
+    r.engine.tokenizer.chat_template = None
+    with pytest.raises(NoChatTemplateError):
+        r.run(anext(r.pipeline.stream(GenerateRequest(messages=[{"role": "user", "content": "hi"}]))))
+    assert r.retrieval.calls == 0 and r.trainer.calls == []
+
+
+def test_echo_scores_the_prompt_with_the_adapter_that_answers(rig):
+    r = rig()
+    request = GenerateRequest(prompt="abc", max_tokens=4, compute_budget=2, mode="always", prompt_logprobs=1)
+    started, _ = r.run(r.pipeline.complete(request))
+    assert started.prompt_ids == [97, 98, 99] and started.prompt_scores.logprobs == [None, -1.0, -1.0]

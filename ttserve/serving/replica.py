@@ -1,0 +1,90 @@
+"""One generator replica, built from settings: the model, the trainer, the engine, the adapter cache, the
+policy and the request pipeline over them. This is the composition root: the only place that chooses the
+real parts (tests give `RequestPipeline` stand-ins instead).
+
+The Ray Serve Generator deployment (app.py) and the in-process server (local.py) both hold one
+`GeneratorReplica` and hand it to the HTTP layer as its backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from ttserve.config import Settings, served_model_name
+from ttserve.contract import GenerateRequest, GenerationChunk, NotReadyError, ReplicaStats, Started
+from ttserve.engines import Engine
+from ttserve.pipeline import RequestPipeline, Retrieve
+
+
+class GeneratorReplica:
+    def __init__(self, settings: Settings, retrieve: Retrieve | None):
+        self.settings = settings
+        self.retrieve = retrieve
+        self.model_id = served_model_name(settings)
+        self.pipeline: RequestPipeline | None = None  # None while the model loads
+
+    async def start(self) -> GeneratorReplica:
+        """Load the model and start the engine; call once from the event loop that will serve requests."""
+        from ttserve.adapter_cache import AdapterCache
+        from ttserve.lm import load_model
+        from ttserve.policy import Policy, load_gain_model
+        from ttserve.training import TestTimeTrainer
+
+        settings = self.settings
+        trainer = TestTimeTrainer(load_model(settings.model), settings.training)
+        engine = await start_engine(settings, trainer)
+        adapters = settings.adapters
+        self.pipeline = RequestPipeline(
+            engine=engine,
+            trainer=trainer,
+            training=settings.training,
+            adapters=AdapterCache(engine, adapters.max_adapters, adapters.max_bytes, adapters.scratch_dir),
+            policy=Policy(settings.policy, load_gain_model(settings.policy, settings.model.name_or_path)),
+            retrieve=self.retrieve,
+            limits=settings.server,
+            default_strategy=settings.retrieval.strategy,
+        )
+        return self
+
+    def _ready(self) -> RequestPipeline:
+        if self.pipeline is None:
+            raise NotReadyError("the model is still loading")
+        return self.pipeline
+
+    # The backend the HTTP layer calls (serving/api.py's Backend).
+    async def stream(self, request: GenerateRequest) -> AsyncIterator[Started | GenerationChunk]:
+        async for event in self._ready().stream(request):
+            yield event
+
+    async def complete(self, request: GenerateRequest) -> tuple[Started, GenerationChunk]:
+        return await self._ready().complete(request)
+
+    async def stats(self) -> ReplicaStats:
+        return self._ready().stats()
+
+    async def close(self) -> None:
+        pipeline, self.pipeline = self.pipeline, None
+        if pipeline is not None:
+            pipeline.close()
+            await pipeline.adapters.close()
+            await pipeline.engine.close()
+
+
+async def start_engine(settings: Settings, trainer) -> Engine:
+    """The configured engine for the trainer's model. Call from the event loop that will serve it."""
+    if settings.engine.kind == "transformers":
+        from ttserve.engines.transformers import TransformersEngine
+
+        return TransformersEngine(trainer.shared, max_model_len=settings.engine.max_model_len)
+    from ttserve.engines.vllm import VLLMEngine
+    from ttserve.files import default_scratch_root
+
+    engine = VLLMEngine(
+        trainer.base_name,
+        settings.engine,
+        settings.training,
+        dtype=settings.model.dtype,
+        scratch_dir=settings.adapters.scratch_dir or default_scratch_root(),
+        max_adapters=settings.adapters.max_adapters,
+    )
+    return await engine.start()

@@ -1,0 +1,96 @@
+"""POST /v1/chat/completions, streamed or whole."""
+
+from __future__ import annotations
+
+import uuid
+
+from fastapi import APIRouter, Request
+
+from ttserve.contract import TokenLogprob
+from ttserve.serving.protocol import (
+    ChatCompletionChoice,
+    ChatCompletionChunk,
+    ChatCompletionChunkChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionTokenLogprob,
+    ChatLogprobs,
+    ChatResponseMessage,
+    DeltaMessage,
+    TopLogprob,
+    TTTInfo,
+)
+from ttserve.serving.responses import (
+    StreamTimer,
+    check_model,
+    complete,
+    event,
+    finish,
+    guarded,
+    start_stream,
+    token_bytes,
+    usage,
+)
+
+router = APIRouter()
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    check_model(request, body.model)
+    generate = body.to_generate_request()
+    response_id = f"chatcmpl-{uuid.uuid4().hex}"
+    if body.stream:
+        events, started = await start_stream(request, generate)
+        return _stream(response_id, body, events, started, StreamTimer(request.app.state.metrics, "chat"))
+    started, whole = await complete(request, generate)
+    choice = ChatCompletionChoice(
+        message=ChatResponseMessage(content=whole.text),
+        logprobs=_logprobs(whole.logprobs) if body.logprobs else None,
+        finish_reason=finish(whole.finish_reason),
+    )
+    return ChatCompletionResponse(
+        id=response_id, model=body.model, choices=[choice], usage=usage(whole), ttt=TTTInfo.of(started.ttt)
+    ).model_dump(mode="json")
+
+
+def _logprobs(entries: list[TokenLogprob]) -> ChatLogprobs:
+    return ChatLogprobs(
+        content=[
+            ChatCompletionTokenLogprob(
+                token=e.token,
+                logprob=e.logprob,
+                bytes=token_bytes(e.token),
+                top_logprobs=[TopLogprob(token=t, logprob=lp, bytes=token_bytes(t)) for _, t, lp in e.top],
+            )
+            for e in entries
+        ]
+    )
+
+
+def _stream(response_id, body: ChatCompletionRequest, events, started, timer: StreamTimer):
+    ttt = TTTInfo.of(started.ttt)
+
+    def chunk(choices, **extra) -> str:
+        return event(ChatCompletionChunk(id=response_id, model=body.model, choices=choices, **extra))
+
+    async def stream():
+        yield chunk([ChatCompletionChunkChoice(delta=DeltaMessage(role="assistant", content=""))])
+        async for piece in events:
+            timer.saw(piece)
+            logprobs = _logprobs(piece.logprobs) if body.logprobs else None
+            if piece.final:
+                delta = DeltaMessage(content=piece.text) if piece.text else DeltaMessage()
+                last = ChatCompletionChunkChoice(
+                    delta=delta, logprobs=logprobs, finish_reason=finish(piece.finish_reason)
+                )
+                yield chunk([last], ttt=None if body.include_usage else ttt)
+                if body.include_usage:
+                    yield chunk([], usage=usage(piece), ttt=ttt)
+            elif piece.text or piece.logprobs:
+                yield chunk(
+                    [ChatCompletionChunkChoice(delta=DeltaMessage(content=piece.text), logprobs=logprobs)]
+                )
+        timer.done(started)
+
+    return guarded(stream)

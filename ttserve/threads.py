@@ -1,0 +1,133 @@
+"""Who runs where on one generator replica: the concurrency model, in one place.
+
+    thread                     owns / runs                                      talks to the loop by
+    -------------------------  -----------------------------------------------  --------------------------
+    the event loop (1)         the request pipeline, the adapter cache, the     (it is the loop)
+                               training queue's counters, the vLLM LoRA gate,
+                               the HTTP layer when in-process
+    the training thread (1)    `trainer.train`: one request's training at a     the future of its run
+                               time, in arrival order (TrainingThread below)
+    inference threads (N)      transformers engine only: one request's decode   chunks put on an asyncio
+                               loop each, and adapter loads/unloads             queue; futures
+    the default executor       retrieval (embedder, Faiss, SIFT) in-process;    futures
+                               in the Ray app, the Retriever replica's calls
+
+Shared state between threads is kept to three places, each with its own lock:
+
+- `SharedModel.lock` (shared_model.py): the transformers path's model. Every forward pass, training step and
+  adapter load holds it, so training and inference on one copy of the weights interleave pass by pass.
+- `TestTimeTrainer`'s session lock: a trainer holds one adapter, so one session at a time. On a replica
+  only the training thread trains, so it is never contended there; it guards direct library use.
+- `Embedder`'s lock: Hugging Face fast tokenizers are not thread-safe, and one forward pass already uses
+  every core, so embedding is serialised while Faiss and SIFT run in parallel. (SIFT itself pins numpy's
+  BLAS to one thread while any selection runs; see selection.py.)
+
+Everything else (the cache's entries and single-flight futures, the queue counters and the per-step
+speed estimate, the LoRA gate's counts) is touched only on the event loop, so it needs no lock; the
+asyncio primitives there (the cache's lock, the gate's condition) order coroutines, not threads.
+
+vLLM runs its own engine process; the vLLM engine only awaits it from the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Protocol
+
+from ttserve.contract import TrainingRun
+
+
+class Trainer(Protocol):
+    """What the pipeline needs of a trainer (ttserve.training.TestTimeTrainer, or a stand-in in tests)."""
+
+    base_name: str  # the model adapters are trained for
+
+    def train(
+        self,
+        texts: Sequence[str],
+        max_steps: int,
+        output_dir: str | Path | None = None,
+        deadline: float | None = None,
+        cancel: threading.Event | None = None,
+    ) -> TrainingRun: ...
+
+
+class TrainingStopped(Exception):
+    """Training was admitted but stopped before its planned steps (deadline, cancellation); the reason
+    goes into the answer, which the base model then gives."""
+
+
+class TrainingThread:
+    """The replica's one training thread: trainings run one at a time, in arrival order.
+
+    Its counters (`queued`, `queued_steps`) and the speed estimate (`seconds_per_step`) are read and written
+    on the event loop only: the thread hands back its run, and the loop updates them from it.
+    """
+
+    def __init__(self, trainer: Trainer, clock: Callable[[], float]):
+        self.trainer = trainer
+        self.clock = clock
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="ttserve-train")
+        self.queued = 0  # admitted trainings not finished (waiting or running)
+        self.queued_steps = 0
+        self.seconds_per_step: float | None = None  # a running average, for admission
+
+    def refusal(self, steps: int, deadline: float, max_queued: int) -> str | None:
+        """Why a new training of `steps` steps must not start (None: admit it)."""
+        if self.queued >= max_queued:
+            return f"the training queue is full ({self.queued} requests)"
+        if self.seconds_per_step is not None:
+            needed = (self.queued_steps + steps) * self.seconds_per_step
+            left = deadline - self.clock()
+            if needed > left:
+                return f"training could not finish within the deadline (about {needed:.1f}s needed, {left:.1f}s left)"
+        return None
+
+    async def train(self, texts: Sequence[str], steps: int, directory: Path, deadline: float) -> TrainingRun:
+        """Train `steps` steps on `texts` into `directory`; raises TrainingStopped if it could not finish.
+
+        If the caller is cancelled (its client went away), the trainer stops at its next step and this
+        waits until it has, so the directory is no longer being written when the caller cleans it up.
+        """
+        self.queued += 1
+        self.queued_steps += steps
+        cancel = threading.Event()
+        work = asyncio.get_running_loop().run_in_executor(
+            self._executor, self._run, texts, steps, directory, deadline, cancel
+        )
+        try:
+            run = await asyncio.shield(work)
+        except asyncio.CancelledError:
+            cancel.set()
+            await asyncio.wait([work])
+            raise
+        finally:
+            self.queued -= 1
+            self.queued_steps -= steps
+            if work.done() and not work.cancelled() and work.exception() is None:
+                self._observe(work.result())
+        if run.stopped in ("deadline", "cancelled"):
+            raise TrainingStopped(f"training stopped ({run.stopped}) after {run.steps} of {steps} steps")
+        return run
+
+    def _run(
+        self, texts: Sequence[str], steps: int, directory: Path, deadline: float, cancel: threading.Event
+    ) -> TrainingRun:
+        if cancel.is_set():
+            raise TrainingStopped("the request was cancelled before training started")
+        if self.clock() >= deadline:
+            raise TrainingStopped("the deadline passed while the request waited for the trainer")
+        return self.trainer.train(texts, steps, output_dir=directory, deadline=deadline, cancel=cancel)
+
+    def _observe(self, run: TrainingRun) -> None:
+        if run.steps:
+            per_step = run.seconds / run.steps
+            previous = self.seconds_per_step
+            self.seconds_per_step = per_step if previous is None else 0.8 * previous + 0.2 * per_step
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
