@@ -13,9 +13,11 @@ import pytest
 import yaml
 
 from ttserve.config import Settings, load_settings
+from ttserve.serving import sizing
 
 with warnings.catch_warnings():  # Ray Serve's pydantic models warn about pydantic v1 idioms on import
     warnings.simplefilter("ignore", DeprecationWarning)
+    from ray import serve
     from ray.serve.config import AutoscalingConfig
     from ray.serve.schema import (
         DeploymentSchema,
@@ -171,12 +173,40 @@ def test_manifests_parse_and_name_their_objects(path):
         )
 
 
-def test_serve_config_v2_is_serve_gpu_yaml():
+# --- sizing: the files are rendered from ttserve/serving/sizing.py -----------------------------------------
+
+
+def test_generated_files_are_what_sizing_renders():
+    outdated = [str(path.relative_to(ROOT)) for path in sizing.stale(ROOT)]
+    assert outdated == [], (
+        f"{', '.join(outdated)} differ from ttserve/serving/sizing.py: edit the sizes there, then run "
+        "`python -m ttserve.serving.sizing` from the repository root"
+    )
+
+
+def test_serve_config_v2_is_the_gpu_profile():
     embedded = yaml.safe_load(_rayservice()["spec"]["serveConfigV2"])
     ServeDeploySchema.model_validate(embedded)
-    gpu = _load(CONFIGS / "serve-gpu.yaml")
-    assert embedded["applications"] == gpu["applications"]
-    assert embedded == gpu  # proxy and HTTP options too
+    assert embedded == sizing.serve_config("gpu")  # proxy and HTTP options too
+    assert embedded == _load(CONFIGS / "serve-gpu.yaml")
+
+
+@pytest.mark.parametrize("name", DEPLOYMENTS)
+def test_decorator_defaults_are_serve_yaml(name):
+    """app.py's decorators take deployment_options(name): what `ttserve serve` runs is configs/serve.yaml."""
+    in_serve_yaml = {
+        k: v for k, v in _deployments(_load(CONFIGS / "serve.yaml"))[name].items() if k != "name"
+    }
+    assert sizing.deployment_options(name) == in_serve_yaml
+
+
+@pytest.mark.parametrize("profile", sizing.PROFILES)
+def test_deployment_options_are_accepted_by_serve_deployment(profile):
+    for name in DEPLOYMENTS:
+        options = sizing.deployment_options(name, profile)
+        deployment = serve.deployment(name=name, **options)(type(name, (), {}))  # builds, starts nothing
+        assert deployment.max_ongoing_requests == options["max_ongoing_requests"]
+        assert deployment.ray_actor_options == options["ray_actor_options"]
 
 
 def test_rayservice_groups():
