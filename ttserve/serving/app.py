@@ -5,7 +5,8 @@
 
 Each replica loads its settings itself (the YAML file named in the app's args, then TTSERVE_* environment
 variables, then the args' overrides), so the same config works under `serve run`, `serve deploy`, KubeRay
-and `ttserve serve`. The decorators' sizing is the local CPU profile; configs/serve*.yaml override it.
+and `ttserve serve`. Sizing comes from sizing.py: the decorators carry its local CPU profile (what
+`ttserve serve` runs with), and configs/serve*.yaml, generated from the same source, override it.
 
 This module is imported by every replica, the ingress included, so it imports no ML library at the top:
 each deployment imports what it runs in its constructor.
@@ -26,18 +27,14 @@ from ray.serve.handle import DeploymentHandle
 
 from ttserve.config import Settings, load_settings, served_model_name
 from ttserve.contract import GenerateRequest, ReplicaStats
+from ttserve.serving.sizing import deployment_options
 
 
 def _settings(config: str | None, overrides: dict[str, Any] | None) -> Settings:
     return load_settings(config, **(overrides or {}))
 
 
-@serve.deployment(
-    name="Retriever",
-    ray_actor_options={"num_cpus": 0.25},
-    max_ongoing_requests=8,
-    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2},
-)
+@serve.deployment(name="Retriever", **deployment_options("Retriever"))
 class RetrieverDeployment:
     def __init__(self, config: str | None = None, overrides: dict[str, Any] | None = None):
         from ttserve.retrieval import Retriever
@@ -48,13 +45,7 @@ class RetrieverDeployment:
         return await self.retriever.retrieve_async(text, n=n, strategy=strategy, lam=lam)
 
 
-@serve.deployment(
-    name="Generator",
-    ray_actor_options={"num_cpus": 1},
-    max_ongoing_requests=32,
-    num_replicas=1,
-    graceful_shutdown_timeout_s=120,
-)
+@serve.deployment(name="Generator", **deployment_options("Generator"))
 class GeneratorDeployment:
     async def __init__(
         self, retriever: DeploymentHandle, config: str | None = None, overrides: dict[str, Any] | None = None
@@ -107,12 +98,7 @@ class HandleBackend:
         return await self.handle.stats.remote()
 
 
-@serve.deployment(
-    name="Ingress",
-    ray_actor_options={"num_cpus": 0.25},
-    max_ongoing_requests=128,
-    autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 64},
-)
+@serve.deployment(name="Ingress", **deployment_options("Ingress"))
 @serve.ingress()
 class Ingress:
     def __init__(
