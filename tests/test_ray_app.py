@@ -1,0 +1,120 @@
+"""The Ray Serve application itself: `serve.run(build_app(...))` on a local Ray cluster, driven over HTTP with
+the official `openai` client. Ingress, Generator and Retriever run as separate replicas (separate processes),
+so everything that crosses them (requests, streamed events, domain errors, replica counters) is pickled for
+real. The `ttserve serve` command on top of this is tested in test_server.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.serving import CODE_PROMPT, Running, chat, free_port, ttt_of
+
+pytestmark = pytest.mark.slow
+
+
+def scratch_directories() -> set[Path]:
+    from ttserve.files import default_scratch_root
+
+    return set(default_scratch_root().glob("ttserve-adapters-*"))
+
+
+@pytest.fixture(scope="module")
+def ray_app(server_settings):
+    ray = pytest.importorskip("ray")
+    from ray import serve
+
+    from ttserve.serving.app import build_app
+
+    overrides = {
+        "datastore": {"path": str(server_settings.datastore.path)},
+        "model": {"name_or_path": server_settings.model.name_or_path, "device": "cpu"},
+        "retrieval": {"n": 8, "k": 24},
+        "training": {"learning_rate": 0.01},
+        "server": {"default_compute_budget": 0, "max_compute_budget": 64, "served_model_name": "tiny-test"},
+    }
+    before = scratch_directories()
+    port = free_port()
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=128 * 2**20,
+        configure_logging=False,
+        log_to_driver=False,
+    )
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app({"overrides": overrides}), name="ttserve", route_prefix="/", blocking=False)
+        yield Running(f"http://127.0.0.1:{port}", None, server_settings, "tiny-test")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    # The Generator frees its adapters' scratch space (memory, in /dev/shm) when Serve stops it.
+    assert scratch_directories() <= before
+
+
+def test_budget_zero_answers_with_the_base_model(ray_app):
+    response = chat(ray_app, extra_body={"compute_budget": 0})
+    ttt = ttt_of(response)
+    assert ttt["decision"] == "skipped" and ttt["reason"] == "compute budget is 0" and not ttt["trained"]
+    assert response.choices[0].message.content and response.usage.completion_tokens > 0
+
+
+def test_a_budget_trains_on_the_generator_and_a_repeat_reuses_the_adapter(ray_app):
+    body = {"compute_budget": 2, "ttt": {"mode": "always"}}
+    first = ttt_of(chat(ray_app, content="class Registry:\n    def register(self):", extra_body=body))
+    assert first["decision"] == "trained" and first["steps"] == 2 and first["selected_ids"]
+    assert first["retrieval_ms"] > 0  # retrieval ran in the Retriever replica
+    again = ttt_of(chat(ray_app, content="class Registry:\n    def register(self):", extra_body=body))
+    assert again["decision"] == "reused" and again["adapter_id"] == first["adapter_id"]
+
+
+def test_streaming_through_the_handles_equals_the_whole_answer(ray_app):
+    whole = chat(ray_app, extra_body={"compute_budget": 0}).choices[0].message.content
+    for budget in (0, 2):
+        chunks = list(
+            ray_app.client().chat.completions.create(
+                model="tiny-test",
+                messages=[{"role": "user", "content": CODE_PROMPT}],
+                max_tokens=12,
+                temperature=0,
+                stream=True,
+                extra_body={"compute_budget": budget, "ttt": {"mode": "always"}},
+            )
+        )
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert ttt_of(chunks[-1])["budget"] == budget and chunks[-1].choices[0].finish_reason
+        if budget == 0:
+            assert text == whole
+        else:
+            assert ttt_of(chunks[-1])["steps"] == budget and text
+
+
+def test_a_refusal_in_the_generator_reaches_the_client_as_an_openai_error(ray_app):
+    """The budget cap is checked in the Generator replica: its domain error crosses Ray and becomes a 400."""
+    with pytest.raises(openai.BadRequestError) as refused:
+        chat(ray_app, extra_body={"compute_budget": 10**6})
+    error = refused.value.body
+    assert error["param"] == "compute_budget" and "above this server's maximum" in error["message"]
+    response = httpx.post(
+        f"{ray_app.url}/v1/completions",
+        json={"model": "tiny-test", "prompt": [1, 2, 10**7], "max_tokens": 1, "compute_budget": 0},
+    )
+    assert response.status_code == 400 and json.loads(response.text)["error"]["param"] == "prompt"
+
+
+def test_metrics_include_the_generator_replicas_counters(ray_app):
+    chat(ray_app, content="import json", extra_body={"compute_budget": 1, "ttt": {"mode": "always"}})
+    text = httpx.get(f"{ray_app.url}/metrics").text
+    assert "ttserve_generator_up 1.0" in text
+    assert "ttserve_generator_adapters_cached" in text and "ttserve_generator_trainings_queued 0.0" in text
+    misses = next(
+        line
+        for line in text.splitlines()
+        if line.startswith('ttserve_generator_adapter_cache_lookups_total{result="miss"}')
+    )
+    assert float(misses.split()[-1]) >= 1
