@@ -27,7 +27,7 @@ CODE = "def read_config(path):\n    with open(path) as handle:\n        return h
 
 async def main() -> None:
     trainer = TestTimeTrainer(load_model())
-    engine = TransformersEngine(trainer)
+    engine = TransformersEngine(trainer.shared)
     scratch = Path(tempfile.mkdtemp(prefix="bench-adapter-count-"))
     try:
         trainer.train([CODE * 8] * 4, 4, output_dir=scratch / "trained")

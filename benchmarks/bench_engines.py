@@ -304,7 +304,7 @@ async def run(args) -> dict:
         if "transformers" in engines:
             from ttserve.engines.transformers import TransformersEngine
 
-            engine = TransformersEngine(trainer)
+            engine = TransformersEngine(trainer.shared)
             try:
                 await measure(engine, "transformers")
             finally:

@@ -78,7 +78,7 @@ async def direct(requests: int) -> tuple[list[float], list[int]]:
     from ttserve.lm import load_model
     from ttserve.training import TestTimeTrainer
 
-    engine = TransformersEngine(TestTimeTrainer(load_model()))
+    engine = TransformersEngine(TestTimeTrainer(load_model()).shared)
     params = SamplingParams(max_tokens=32, temperature=0)
     times, tokens = [], []
     for i in range(requests + 3):

@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/bench_server.py --repeats 2 --overhead-repeats 5        # smoke run
     .venv/bin/python benchmarks/bench_server.py --engine vllm                           # vLLM engine
 
-The server is ttserve's in-process stack (`ttserve.serving.local.start_local`: FastAPI app, generator,
+The server is ttserve's in-process stack (`ttserve.serving.local.start_local`: FastAPI app, generator replica,
 SIFT retriever over the default standard-library datastore, the embedded default model on the CPU)
 under uvicorn on a local port, with the app and the engine on ONE event loop in a background thread. The
 client is the official `openai` package (one client, keep-alive), non-streaming `/v1/completions`,
@@ -92,7 +92,7 @@ def free_port() -> int:
 
 
 class LoopServer:
-    """One event loop in a background thread, holding the generator (and its engine) and uvicorn."""
+    """One event loop in a background thread, holding the generator replica (and its engine) and uvicorn."""
 
     def __init__(self, settings: Settings):
         import uvicorn
@@ -102,7 +102,7 @@ class LoopServer:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="bench-server-loop", daemon=True)
         self.thread.start()
-        app, self.generator = self.run(start_local(settings), timeout=600)
+        app, self.replica = self.run(start_local(settings), timeout=600)
         self.port = free_port()
         self.server = uvicorn.Server(
             uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False)
@@ -121,8 +121,8 @@ class LoopServer:
     def close(self) -> None:
         self.server.should_exit = True
         self.serving.result(30)
-        engine = self.generator.engine
-        self.run(self.generator.close())
+        engine = self.replica.pipeline.engine
+        self.run(self.replica.close())
         if hasattr(engine, "llm"):
             # vLLM's AsyncLLM.__del__ shuts it down again at interpreter exit, when the globals it needs are
             # gone (a TypeError traceback). close() did shut it down: make the second time a no-op.
@@ -148,7 +148,7 @@ def complete(client, prompt: str, extra_body: dict):
 
 
 def overhead(server: LoopServer, client, prompts: list[str], repeats: int) -> dict:
-    engine = server.generator.engine
+    engine = server.replica.pipeline.engine
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
 
     def direct(prompt: str):
@@ -232,7 +232,7 @@ def report(results: dict, args) -> None:
         f"| engine direct (`collect(engine.generate(...))`) | {o['direct']['median_ms']:.1f} | {o['direct']['p90_ms']:.1f} |"
     )
     print(
-        f"| HTTP: openai client -> uvicorn -> FastAPI -> generator -> engine | {o['server']['median_ms']:.1f} | {o['server']['p90_ms']:.1f} |"
+        f"| HTTP: openai client -> uvicorn -> FastAPI -> pipeline -> engine | {o['server']['median_ms']:.1f} | {o['server']['p90_ms']:.1f} |"
     )
     print(
         f"| server overhead (goal: at most +10%) | {o['overhead_pct']:+.1f}% | {o['overhead_p90_pct']:+.1f}% |"
@@ -283,7 +283,7 @@ def main() -> None:
         client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=600)
         results = {
             "engine": args.engine,
-            "model": server.generator.trainer.base_name,
+            "model": server.replica.pipeline.trainer.base_name,
             "overhead": overhead(server, client, prompts[:4], args.overhead_repeats),
         }
         print(f"# overhead {results['overhead']['overhead_pct']:+.1f}%", flush=True)
