@@ -21,7 +21,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -35,7 +34,7 @@ from ttserve.config import PolicyConfig
 from ttserve.datastore import Datastore, Document
 from ttserve.policy import GainModel, plan
 from ttserve.retrieval import Retriever
-from ttserve.scoring import TextScore, score_text
+from ttserve.scoring import TextScore, bits_per_byte, score_text
 from ttserve.training import TestTimeTrainer
 
 NEAR_DUPLICATE_RATIO = 0.9  # difflib similarity above which a pick counts as a near-copy of the test text
@@ -77,7 +76,7 @@ class EvalReport:
             loglik = sum(d.adaptive.loglik if d.adaptive else d.base_loglik for d in self.documents)
         else:
             loglik = sum(_at(d.runs[strategy], steps).loglik for d in self.documents)
-        return -loglik / (math.log(2) * total_bytes)
+        return bits_per_byte(loglik, total_bytes)
 
     def summary(self) -> dict:
         steps = self.config["steps"]
@@ -117,11 +116,11 @@ class EvalReport:
         """(uncertainty reduction, realised BPB gain) for every document, strategy and checkpoint."""
         reductions, gains = [], []
         for d in self.documents:
-            base_bpb = -d.base_loglik / (math.log(2) * d.bytes)
+            base_bpb = bits_per_byte(d.base_loglik, d.bytes)
             for strategy in strategies:
                 for c in d.runs.get(strategy, []):
                     reductions.append(c.reduction)
-                    gains.append(base_bpb - (-c.loglik / (math.log(2) * d.bytes)))
+                    gains.append(base_bpb - bits_per_byte(c.loglik, d.bytes))
         return np.asarray(reductions), np.asarray(gains)
 
     def prompt_points(self, strategy: str = "sift") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -131,7 +130,8 @@ class EvalReport:
         for d in self.documents:
             if strategy in d.runs:
                 c = _at(d.runs[strategy], budget)
-                rows.append((c.reduction, (c.loglik - d.base_loglik) / (math.log(2) * d.bytes), d.bytes))
+                # The BPB gain, base minus trained: the bits per byte of the likelihood the training added.
+                rows.append((c.reduction, bits_per_byte(d.base_loglik - c.loglik, d.bytes), d.bytes))
         return (
             tuple(np.asarray(column, dtype=float) for column in zip(*rows, strict=True))
             if rows
@@ -150,23 +150,16 @@ class EvalReport:
             writer = csv.writer(handle)
             writer.writerow(["doc_id", "bytes", "strategy", "steps", "bpb", "uncertainty_reduction"])
             for d in self.documents:
-                writer.writerow([d.id, d.bytes, "base", 0, -d.base_loglik / (math.log(2) * d.bytes), 0.0])
+                writer.writerow([d.id, d.bytes, "base", 0, bits_per_byte(d.base_loglik, d.bytes), 0.0])
                 for strategy, checkpoints in d.runs.items():
                     for c in checkpoints:
                         writer.writerow(
-                            [
-                                d.id,
-                                d.bytes,
-                                strategy,
-                                c.steps,
-                                -c.loglik / (math.log(2) * d.bytes),
-                                c.reduction,
-                            ]
+                            [d.id, d.bytes, strategy, c.steps, bits_per_byte(c.loglik, d.bytes), c.reduction]
                         )
                 if d.adaptive is not None:
                     a = d.adaptive
                     writer.writerow(
-                        [d.id, d.bytes, "adaptive", a.steps, -a.loglik / (math.log(2) * d.bytes), a.reduction]
+                        [d.id, d.bytes, "adaptive", a.steps, bits_per_byte(a.loglik, d.bytes), a.reduction]
                     )
         self.plot(out / "bpb.png", model_name)
 

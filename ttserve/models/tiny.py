@@ -42,6 +42,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTra
 
 from ttserve import __version__
 from ttserve.config import cache_dir
+from ttserve.scoring import bits_per_byte
 
 log = logging.getLogger(__name__)
 
@@ -395,7 +396,7 @@ def evaluate(
         total_tokens += targets.numel()
         total_bytes += int(byte_lengths[targets].sum())
     model.train(was_training)
-    return total_nats / total_tokens, total_nats / (math.log(2) * max(1, total_bytes))
+    return total_nats / total_tokens, bits_per_byte(-total_nats, total_bytes)
 
 
 def pretrain(
