@@ -23,12 +23,8 @@ import logging
 import math
 import os
 import platform
-import shutil
 import sysconfig
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +38,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTra
 
 from ttserve import __version__
 from ttserve.config import cache_dir
+from ttserve.files import staged_directory
 from ttserve.scoring import bits_per_byte
 
 log = logging.getLogger(__name__)
@@ -480,7 +477,7 @@ def build_tiny_model(
     blocks = pack_blocks(corpus.texts, tokenizer, config.seq_len)
     byte_lengths = token_byte_lengths(tokenizer)
     model = new_model(config, tokenizer)
-    with _staged(out) as staging:
+    with staged_directory(out) as staging:
         stats = pretrain(model, blocks, byte_lengths, config, progress)
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
@@ -546,21 +543,3 @@ def ensure_tiny_model(
     if built_with != config.model_dump(mode="json"):
         raise ValueError(f"{out} holds a tiny model built with a different config: {built_with}")
     return out
-
-
-@contextmanager
-def _staged(target: Path) -> Iterator[Path]:
-    """A scratch directory beside `target` (same filesystem, so the final rename is atomic)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
-    # mkdtemp makes it private (0700); the model is meant to be readable like any other cache entry.
-    staging.chmod(0o755)
-    try:
-        yield staging
-        if target.exists():
-            # os.rename would silently replace an empty directory; never replace anything.
-            raise FileExistsError(f"{target} appeared while building")
-        os.rename(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
