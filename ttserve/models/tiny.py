@@ -5,10 +5,11 @@ No model hub is reachable on the machines ttserve is developed and tested on, ye
 tokenizer. This module makes one, reproducibly, from text that is on every machine: the sources of the
 standard library. Real deployments point the configuration at any Hugging Face model instead.
 
-What it is pretrained on matters. The embedded default *datastore* (ttserve/datastore/local_corpus.py) is
-built from top-level stdlib modules, and evaluation scores held-out text of that kind. So the model is
-pretrained only on the stdlib *packages* (asyncio/, email/, json/, ...): it learns Python and the library's
-style, but the retrieved top-level-module text is new to it, and test-time training on it can show a gain.
+What it is pretrained on matters. The embedded default *datastore* is built from top-level stdlib modules,
+and evaluation scores held-out text of that kind. So the model is pretrained only on the stdlib *packages*
+(asyncio/, email/, json/, ...): it learns Python and the library's style, but the retrieved top-level-module
+text is new to it, and test-time training on it can show a gain. ttserve/stdlib_corpus.py owns both halves
+of that split.
 
 The result is a plain Hugging Face directory (safetensors weights, tokenizer files, generation config) that
 `AutoModelForCausalLM` / `AutoTokenizer` / vLLM load like any other, plus `ttserve_model.json`, which records
@@ -21,9 +22,7 @@ import hashlib
 import json
 import logging
 import math
-import os
 import platform
-import sysconfig
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ from ttserve import __version__
 from ttserve.config import cache_dir
 from ttserve.files import staged_directory
 from ttserve.scoring import bits_per_byte
+from ttserve.stdlib_corpus import pretraining_files, stdlib_root
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +65,6 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|assistant|>\\n' -}}{%- endif -%}"
 )
-
-# Directories of the stdlib that are not pretraining text. The first group is tests, GUI code and vendored
-# packages (as the rest of ttserve treats them); the second is generated data that would spend the model's
-# small capacity on tables: `encodings/` is ~100 machine-generated codec tables (1.4 MB, a quarter of all
-# package source), `pydoc_data/topics.py` is one 750 kB string dict, `config-3.x-*` is build configuration.
-EXCLUDED_DIRS = {"test", "tests", "idlelib", "tkinter", "turtledemo", "lib2to3", "site-packages", "ensurepip"}
-GENERATED_DIRS = {"encodings", "pydoc_data", "__phello__", "__pycache__"}
 
 
 class TinyModelConfig(BaseModel):
@@ -172,37 +165,10 @@ class Corpus:
         }
 
 
-def pretraining_files(max_bytes: int | None = None, root: Path | None = None) -> list[Path]:
-    """The stdlib package sources the model is pretrained on, relative to the stdlib root, in path order.
-
-    Only files inside subdirectories: top-level modules are what the default datastore serves, so they
-    stay unseen by pretraining.
-    """
-    root = root or Path(sysconfig.get_paths()["stdlib"])
-    found: list[Path] = []
-    for directory, subdirs, names in os.walk(root):
-        # Prune in place (and sort, so the walk order never depends on the filesystem).
-        subdirs[:] = sorted(
-            d
-            for d in subdirs
-            if d not in EXCLUDED_DIRS and d not in GENERATED_DIRS and not d.startswith("config-")
-        )
-        if Path(directory) == root:
-            continue
-        found += [Path(directory, n).relative_to(root) for n in names if n.endswith(".py")]
-    chosen, total = [], 0
-    for rel in sorted(found, key=lambda p: p.as_posix()):
-        size = (root / rel).stat().st_size
-        if max_bytes is not None and total + size > max_bytes:
-            continue
-        chosen.append(rel)
-        total += size
-    return chosen
-
-
 def load_corpus(max_bytes: int | None = None) -> Corpus:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = pretraining_files(max_bytes, root)
+    """The pretraining half of the stdlib (ttserve/stdlib_corpus.py), read in order and fingerprinted."""
+    root = stdlib_root()
+    files = [path.relative_to(root) for path in pretraining_files(max_bytes, root)]
     digest = hashlib.sha256()
     texts = []
     for rel in files:
