@@ -336,10 +336,8 @@ def eval_command(
 ) -> None:
     """Bits per byte of the base model and after test-time training (knn vs sift, several step counts)."""
     _quiet_libraries()
-    import numpy as np
-
-    from ttserve.datastore import CorpusError, Document, EmbedderMismatchError, read_corpus
-    from ttserve.evaluation import evaluate
+    from ttserve.datastore import CorpusError, EmbedderMismatchError, read_corpus
+    from ttserve.evaluation import evaluate, sample_documents
     from ttserve.lm import load_model
     from ttserve.retrieval import Retriever
     from ttserve.training import TestTimeTrainer
@@ -364,18 +362,13 @@ def eval_command(
         ensure_datastore(settings)
     try:
         retriever = Retriever.from_settings(settings, datastore)
-        documents = list(read_corpus([data])) if data is not None else []
+        documents = (
+            list(read_corpus([data]))
+            if data is not None
+            else sample_documents(retriever.datastore, sample_datastore, seed)
+        )
     except (CorpusError, FileNotFoundError, EmbedderMismatchError) as error:
         raise _fail(str(error)) from None
-    if data is None:
-        store = retriever.datastore
-        rows = np.random.default_rng(seed).choice(
-            len(store), size=min(sample_datastore, len(store)), replace=False
-        )
-        documents = [
-            Document(id=f"{s.doc_id}#{s.chunk}", text=s.text, source=s.source)
-            for s in store.sequences(sorted(rows))
-        ]
     documents = documents[:limit] if limit else documents
     trainer = TestTimeTrainer(load_model(settings.model), settings.training)
     report = evaluate(
@@ -404,19 +397,10 @@ def calibrate(
     ] = 0.95,
 ) -> None:
     """Fit the gain model (predicted BPB gain from SIFT's uncertainty reduction) to evaluation runs."""
-    import numpy as np
-
-    from ttserve.evaluation import load_report
-    from ttserve.policy import GainModel
+    from ttserve.evaluation import fit_gain_model, load_report
 
     try:
-        reports = [load_report(path) for path in results]
-        points = [report.calibration_points() for report in reports]
-        reductions, gains = np.concatenate([p[0] for p in points]), np.concatenate([p[1] for p in points])
-        corpora = ", ".join(sorted({report.config.get("datastore", "") for report in reports}))
-        model = GainModel.fit(reductions, gains, model=reports[0].config.get("model", ""), corpus=corpora)
-        prompts = [report.prompt_points() for report in reports]
-        model = model.with_threshold(*(np.concatenate([p[i] for p in prompts]) for i in range(3)), keep=keep)
+        model = fit_gain_model([load_report(path) for path in results], keep=keep)
     except (FileNotFoundError, ValueError, KeyError) as error:
         raise _fail(str(error)) from None
     model.save(out)

@@ -280,6 +280,38 @@ def _train_and_score(
     return scores
 
 
+def sample_documents(datastore: Datastore, n: int, seed: int) -> list[Document]:
+    """`n` stored sequences drawn without replacement (every one when there are fewer), as test documents.
+
+    `ttserve eval --sample-datastore`. They come in sequence-id order and are named `doc_id#chunk`;
+    `evaluate` excludes each from its own candidates, while other chunks of the same document stay
+    retrievable. The same seed draws the same sequences.
+    """
+    rows = np.random.default_rng(seed).choice(len(datastore), size=min(n, len(datastore)), replace=False)
+    return [
+        Document(id=f"{s.doc_id}#{s.chunk}", text=s.text, source=s.source)
+        for s in datastore.sequences(sorted(rows))
+    ]
+
+
+def fit_gain_model(reports: Sequence[EvalReport], keep: float) -> GainModel:
+    """The gain model and its skip threshold, fitted to evaluation runs (`ttserve calibrate`).
+
+    The curve gain = a · reduction^b is fitted to every (uncertainty reduction, realised BPB gain)
+    checkpoint of every report. The threshold is then the largest predicted gain below which prompts can
+    skip training while the rest still keep `keep` of the realised gain (per prompt, at each report's
+    largest step count, weighted by bytes). The model and corpora the runs used are recorded with it.
+    """
+    if not reports:
+        raise ValueError("no evaluation reports to fit the gain model to")
+    points = [report.calibration_points() for report in reports]
+    reductions, gains = np.concatenate([p[0] for p in points]), np.concatenate([p[1] for p in points])
+    corpora = ", ".join(sorted({report.config.get("datastore", "") for report in reports}))
+    model = GainModel.fit(reductions, gains, model=reports[0].config.get("model", ""), corpus=corpora)
+    prompts = [report.prompt_points() for report in reports]
+    return model.with_threshold(*(np.concatenate([p[i] for p in prompts]) for i in range(3)), keep=keep)
+
+
 def exact_copies(datastore: Datastore) -> dict[str, set[int]]:
     """Digest of a text → the ids of the stored sequences that reproduce it exactly.
 
