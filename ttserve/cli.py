@@ -158,11 +158,12 @@ def retrieve(
 ) -> None:
     """Select training data for a prompt and print the picks with their uncertainty trajectory."""
     _quiet_libraries()
+    from ttserve.contract import STRATEGIES
     from ttserve.datastore import EmbedderMismatchError
     from ttserve.retrieval import Retriever
 
-    if strategy not in ("sift", "knn"):
-        raise _fail(f"unknown strategy {strategy!r}: use sift or knn")
+    if strategy not in STRATEGIES:
+        raise _fail(f"unknown strategy {strategy!r}: use {' or '.join(STRATEGIES)}")
     settings = _settings(config)
     try:
         retriever = Retriever.from_settings(settings, path)
@@ -336,6 +337,7 @@ def eval_command(
 ) -> None:
     """Bits per byte of the base model and after test-time training (knn vs sift, several step counts)."""
     _quiet_libraries()
+    from ttserve.contract import STRATEGIES
     from ttserve.datastore import CorpusError, EmbedderMismatchError, read_corpus
     from ttserve.evaluation import evaluate, sample_documents
     from ttserve.lm import load_model
@@ -349,8 +351,8 @@ def eval_command(
     except ValueError:
         raise _fail(f"--steps must be comma-separated integers, got {steps!r}") from None
     chosen = [s.strip() for s in strategies.split(",") if s.strip()]
-    if not chosen or set(chosen) - {"knn", "sift"}:
-        raise _fail(f"--strategies must name knn and/or sift, got {strategies!r}")
+    if not chosen or set(chosen) - set(STRATEGIES):
+        raise _fail(f"--strategies must name {' and/or '.join(sorted(STRATEGIES))}, got {strategies!r}")
     settings = _settings(config)
     if learning_rate is not None:
         settings = settings.model_copy(

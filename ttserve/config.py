@@ -19,6 +19,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from ttserve.contract import Mode, Strategy
+
 DEFAULT_EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2"
 
 
@@ -64,7 +66,7 @@ class DatastoreConfig(_Section):
 
 
 class RetrievalConfig(_Section):
-    strategy: Literal["sift", "knn"] = "sift"
+    strategy: Strategy = "sift"
     n: PositiveInt = 50  # sequences selected per prompt (the paper's N)
     k: PositiveInt = 200  # candidates pre-selected by Faiss (K)
     # SIFT's λ′: small favours diversity, large relevance. None: the value calibrated for the configured
@@ -104,7 +106,7 @@ class TrainingConfig(_Section):
 class PolicyConfig(_Section):
     """When to train, and how much (spec §3)."""
 
-    mode: Literal["auto", "always", "off"] = "auto"
+    mode: Mode = "auto"
     # Adaptive-SIFT stopping constant: picks beyond the first n with alpha·n·σ_n > 1 are never trained on.
     alpha: float | None = Field(None, gt=0)
     # Train only when the predicted gain at the budget reaches this. None: the threshold fitted with the gain

@@ -31,6 +31,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ttserve.config import PolicyConfig
+from ttserve.contract import STRATEGIES, Strategy
 from ttserve.datastore import Datastore, Document
 from ttserve.policy import GainModel, plan
 from ttserve.retrieval import Retriever
@@ -111,7 +112,7 @@ class EvalReport:
         return summary
 
     def calibration_points(
-        self, strategies: Sequence[str] = ("sift", "knn")
+        self, strategies: Sequence[Strategy] = STRATEGIES
     ) -> tuple[np.ndarray, np.ndarray]:
         """(uncertainty reduction, realised BPB gain) for every document, strategy and checkpoint."""
         reductions, gains = [], []
@@ -123,7 +124,7 @@ class EvalReport:
                     gains.append(base_bpb - bits_per_byte(c.loglik, d.bytes))
         return np.asarray(reductions), np.asarray(gains)
 
-    def prompt_points(self, strategy: str = "sift") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def prompt_points(self, strategy: Strategy = "sift") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(reduction, realised BPB gain, bytes) per document at the largest step count."""
         budget = max(self.config["steps"])
         rows = []
@@ -203,7 +204,7 @@ def evaluate(
     retriever: Retriever,
     trainer: TestTimeTrainer,
     steps: Sequence[int] = (8, 16, 32),
-    strategies: Sequence[str] = ("knn", "sift"),
+    strategies: Sequence[Strategy] = ("knn", "sift"),
     split: bool = False,
     policy: PolicyConfig | None = None,
     gain_model: GainModel | None = None,

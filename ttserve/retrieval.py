@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 
 from ttserve import selection
 from ttserve.config import RetrievalConfig, Settings
+from ttserve.contract import STRATEGIES, Strategy  # Strategy stays importable from here
 from ttserve.datastore import Datastore, EmbedderMismatchError, StoredSequence
 from ttserve.embedding import Embedder
-
-Strategy = Literal["sift", "knn"]
 
 # λ′ depends on how the embedder spreads similarities (spec §1: calibrate per embedding model). For
 # all-MiniLM-L6-v2, 32 SIFT steps on 30 Pile-sample documents (a tuning set) with the default model gave
@@ -133,8 +131,8 @@ class Retriever:
         strategy = strategy or self.config.strategy
         lam = self.lam if lam is None else lam
         alpha = self.config.alpha if alpha is None else alpha
-        if strategy not in ("sift", "knn"):
-            raise ValueError(f"unknown strategy {strategy!r}: use 'sift' or 'knn'")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}: use {' or '.join(map(repr, STRATEGIES))}")
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         targets = np.atleast_2d(np.asarray(targets, dtype=np.float32))
