@@ -50,8 +50,10 @@ class EmbedderConfig(_Section):
 
 class DatastoreConfig(_Section):
     path: Path = Field(default_factory=lambda: cache_dir() / "datastore")
-    # flat: exact IndexFlatIP. hnsw / ivf: approximate search for large corpora. SIFT always sees exact
-    # candidate embeddings, read from the datastore's own embedding matrix (see ttserve/datastore/index.py).
+    # flat: exact IndexFlatIP. hnsw / ivf: approximate search for large corpora (see
+    # ttserve/datastore/faiss_index.py). SIFT always sees exact candidate embeddings, read from the
+    # datastore's own embedding matrix (ttserve/datastore/store.py), so the index type only changes which
+    # candidates are found.
     index_type: Literal["flat", "hnsw", "ivf"] = "flat"
     hnsw_m: PositiveInt = 32
     hnsw_ef_search: PositiveInt = 256
@@ -195,6 +197,14 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls), file_secret_settings)
+
+
+def served_model_name(settings: Settings) -> str:
+    """The model id clients send and GET /v1/models lists: `server.served_model_name`, else
+    `model.name_or_path`, else "ttserve-tiny" for the embedded default."""
+    if settings.server.served_model_name:
+        return settings.server.served_model_name
+    return settings.model.name_or_path or "ttserve-tiny"
 
 
 def load_settings(config_file: str | Path | None = None, **overrides: object) -> Settings:
