@@ -90,8 +90,9 @@ class ModelConfig(_Section):
 class TrainingConfig(_Section):
     """Test-time fine-tuning (spec §4): one step per selected sequence, batch size 1, fresh LoRA each time."""
 
-    # LoRA needs a larger step than the full fine-tuning of tttlm (5e-5): measured on the default model, 32
-    # SIFT steps gain -0.5% BPB at 5e-5, -3.7% at 5e-4 and -8.1% at 2e-3 (BENCHMARKS.md).
+    # LoRA needs a much larger step than the full fine-tuning of tttlm (5e-5): at that rate a rank-16
+    # adapter barely moves, and the gain grew with the rate across the rates tried, up to this default
+    # (BENCHMARKS.md, "LoRA learning rate").
     learning_rate: float = Field(2e-3, gt=0)
     adam_eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -115,8 +116,9 @@ class PolicyConfig(_Section):
     # model (`ttserve calibrate`), which keeps 95% of the calibration runs' gain.
     min_gain_bpb: float | None = Field(None, ge=0)
     # auto takes the fewest steps whose predicted gain reaches this fraction of the gain at the budget. 1.0:
-    # the whole budget when training at all. On the default model gains keep growing up to 32 steps, and
-    # cutting steps at 0.9 kept only 55% of the gain on held-out Pile documents (BENCHMARKS.md).
+    # the whole budget when training at all. On the default model the realised gain keeps growing with
+    # every step while SIFT's uncertainty, and with it the predicted gain, saturates within a few picks, so
+    # cutting steps short loses most of the gain (BENCHMARKS.md, "Adaptive policy").
     gain_fraction: float = Field(1.0, gt=0, le=1)
     calibration: Path | None = Field(None, description="gain-model JSON from `ttserve calibrate`")
 

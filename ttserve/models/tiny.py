@@ -82,9 +82,9 @@ class TinyModelConfig(BaseModel):
     max_position_embeddings: PositiveInt = 1024
     rope_theta: float = 10_000.0
 
-    # Pretraining. The default is sized to take about 4 minutes on an idle 2-core CPU (~0.44 s a step); it
-    # sees the ~1M-token corpus about twice (16 x 256 tokens per step). Of 1.5e-3, 3e-3 and 5e-3 the
-    # largest learning rate gave the lowest validation loss after 500 steps (4.02, 3.82, 3.72).
+    # Pretraining. The default is sized to build in a few minutes on a 2-core CPU while seeing the package
+    # corpus about twice; of the peak learning rates tried, the largest gave the lowest validation loss
+    # (BENCHMARKS.md, "The embedded default model").
     seq_len: PositiveInt = 256
     batch_size: PositiveInt = 16
     train_steps: PositiveInt = 500
@@ -118,7 +118,7 @@ class TinyModelConfig(BaseModel):
 
     @classmethod
     def quick(cls, **overrides: object) -> TinyModelConfig:
-        """A preset for tests: the same pipeline at toy scale, built in about 10 s on a 2-core CPU."""
+        """A preset for tests: the same pipeline at toy scale, built in seconds rather than minutes."""
         values: dict[str, object] = dict(
             vocab_size=1024,
             hidden_size=64,
