@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from ttserve.config import Settings, load_settings
+from ttserve.config import ModelConfig, ServerConfig, Settings, load_settings, served_model_name
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -57,3 +57,11 @@ def test_bad_config_is_an_error(tmp_path, yaml_text):
 def test_missing_config_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="config file not found"):
         load_settings(tmp_path / "nope.yaml")
+
+
+def test_served_model_name():
+    assert served_model_name(Settings()) == "ttserve-tiny"  # the embedded default
+    hub = Settings(model=ModelConfig(name_or_path="org/model"))
+    assert served_model_name(hub) == "org/model"
+    named = hub.model_copy(update={"server": ServerConfig(served_model_name="alias")})
+    assert served_model_name(named) == "alias"

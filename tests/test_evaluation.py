@@ -20,7 +20,9 @@ from ttserve.evaluation import (
     _digest,
     evaluate,
     exact_copies,
+    fit_gain_model,
     load_report,
+    sample_documents,
     split_halves,
 )
 from ttserve.policy import GainModel
@@ -117,6 +119,18 @@ def test_a_stored_chunk_used_as_a_test_document_is_excluded(tmp_path, embedder):
     }
 
 
+def test_sample_documents_draws_stored_sequences_by_seed(code_datastore):
+    store = Datastore(code_datastore)
+    stored = {s.id: s for s in store.sequences(range(len(store)))}
+    drawn = sample_documents(store, 3, seed=0)
+    assert len(drawn) == 3 and len({d.id for d in drawn}) == 3
+    by_name = {f"{s.doc_id}#{s.chunk}": s for s in stored.values()}
+    assert all(by_name[d.id].text == d.text and by_name[d.id].source == d.source for d in drawn)
+    assert [by_name[d.id].id for d in drawn] == sorted(by_name[d.id].id for d in drawn)  # in id order
+    assert sample_documents(store, 3, seed=0) == drawn
+    assert sorted(d.id for d in sample_documents(store, 100, seed=1)) == sorted(by_name)  # all, no more
+
+
 def test_split_protocol(code_datastore, embedder, make_trainer):
     first, second = split_halves(SNIPPETS[2])
     assert first + second == SNIPPETS[2] and first and second
@@ -182,6 +196,24 @@ def test_results_round_trip_and_calibrate(tmp_path):
     model = GainModel.load(tmp_path / "gain.json")
     assert model.slope == pytest.approx(0.4, rel=1e-3) and model.power == pytest.approx(0.8, abs=1e-3)
     assert loaded.summary()["correlation"]["spearman"] > 0.9
+
+
+def test_fit_gain_model_pools_reports_and_keeps_the_asked_share():
+    report = synthetic_report()
+    model = fit_gain_model([report], keep=0.95)
+    assert model.slope == pytest.approx(0.4, rel=1e-3) and model.power == pytest.approx(0.8, abs=1e-3)
+    assert (model.model, model.corpus, model.points) == ("m", "d", 12 * 2 * 2)
+    reductions, gains, weights = report.prompt_points()
+    realised = gains * weights
+    assert realised[model.predict(reductions) >= model.min_gain_bpb].sum() >= 0.95 * realised.sum()
+    assert fit_gain_model([report], keep=0.5).min_gain_bpb > model.min_gain_bpb
+
+    other = EvalReport(config={**report.config, "datastore": "e"}, documents=report.documents)
+    both = fit_gain_model([report, other], keep=0.95)
+    assert (both.points, both.corpus) == (2 * model.points, "d, e")
+    assert both.slope == pytest.approx(model.slope) and both.min_gain_bpb == pytest.approx(model.min_gain_bpb)
+    with pytest.raises(ValueError, match="no evaluation reports"):
+        fit_gain_model([], keep=0.95)
 
 
 def test_eval_command(code_datastore, tiny_model_dir, tmp_path):

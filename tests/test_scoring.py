@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ttserve.evaluation import DocumentResult, EvalReport
 from ttserve.scoring import TextScore, bits_per_byte, prefix_token_id, score_text, token_logprobs
 
 
@@ -51,9 +52,18 @@ def test_windows_predict_every_token_once(lm, window):
 
 
 def test_byte_weighted_aggregate():
+    # Over documents BPB is the summed log-likelihood over the summed bytes, not a mean of per-document BPBs.
     scores = [TextScore(loglik=-10.0, tokens=5, bytes=10), TextScore(loglik=-30.0, tokens=9, bytes=20)]
-    assert bits_per_byte(scores) == pytest.approx(40 / (math.log(2) * 30))
-    assert bits_per_byte([]) == 0.0
+    total = bits_per_byte(sum(s.loglik for s in scores), sum(s.bytes for s in scores))
+    assert total == pytest.approx(40 / (math.log(2) * 30))
+    assert total != pytest.approx(sum(s.bits_per_byte for s in scores) / len(scores))
+    # The evaluation report aggregates its documents the same way.
+    documents = [
+        DocumentResult(id=f"d{i}", bytes=s.bytes, tokens=s.tokens, excluded=0, base_loglik=s.loglik)
+        for i, s in enumerate(scores)
+    ]
+    assert EvalReport(config={}, documents=documents).bpb() == pytest.approx(40 / (math.log(2) * 30))
+    assert bits_per_byte(0.0, 0) == 0.0 and EvalReport(config={}, documents=[]).bpb() == 0.0
 
 
 def test_tiny_inputs(lm):

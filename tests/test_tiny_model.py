@@ -20,7 +20,6 @@ from ttserve.models.tiny import (
     ASSISTANT,
     BOS,
     EOS,
-    EXCLUDED_DIRS,
     MODEL_INFO_FILE,
     USER,
     TinyModelConfig,
@@ -29,6 +28,7 @@ from ttserve.models.tiny import (
     ensure_tiny_model,
     read_model_info,
 )
+from ttserve.stdlib_corpus import EXCLUDED_DIRS, GENERATED_DIRS, pretraining_files
 
 QUICK = TinyModelConfig.quick()
 
@@ -139,9 +139,10 @@ def test_info_records_config_and_corpus_fingerprint(model_dir):
     assert corpus["python_version"] and files
     # Only package sources: no top-level module (those are the datastore's), no tests or vendored code.
     assert all(len(f.parts) >= 2 for f in files)
-    assert not any(set(f.parts) & (EXCLUDED_DIRS | tiny.GENERATED_DIRS) for f in files)
+    assert not any(set(f.parts) & (EXCLUDED_DIRS | GENERATED_DIRS) for f in files)
     assert sum(f["bytes"] for f in corpus["files"]) == corpus["total_bytes"] <= QUICK.max_corpus_bytes
     root = Path(sysconfig.get_paths()["stdlib"])
+    assert [root / f for f in files] == pretraining_files(QUICK.max_corpus_bytes)
     digest = hashlib.sha256(b"".join((root / f).read_bytes() for f in files)).hexdigest()
     assert corpus["sha256"] == digest
     assert set(info["versions"]) >= {"torch", "transformers", "tokenizers"}

@@ -156,11 +156,12 @@ def retrieve(
 ) -> None:
     """Select training data for a prompt and print the picks with their uncertainty trajectory."""
     _quiet_libraries()
+    from ttserve.contract import STRATEGIES
     from ttserve.datastore import EmbedderMismatchError
     from ttserve.retrieval import Retriever
 
-    if strategy not in ("sift", "knn"):
-        raise _fail(f"unknown strategy {strategy!r}: use sift or knn")
+    if strategy not in STRATEGIES:
+        raise _fail(f"unknown strategy {strategy!r}: use {' or '.join(STRATEGIES)}")
     settings = _settings(config)
     try:
         retriever = Retriever.from_settings(settings, path)
@@ -315,10 +316,9 @@ def eval_command(
 ) -> None:
     """Bits per byte of the base model and after test-time training (knn vs sift, several step counts)."""
     _quiet_libraries()
-    import numpy as np
-
-    from ttserve.datastore import CorpusError, Document, EmbedderMismatchError, read_corpus
-    from ttserve.evaluation import evaluate
+    from ttserve.contract import STRATEGIES
+    from ttserve.datastore import CorpusError, EmbedderMismatchError, read_corpus
+    from ttserve.evaluation import evaluate, sample_documents
     from ttserve.lm import load_model
     from ttserve.retrieval import Retriever
     from ttserve.training import TestTimeTrainer
@@ -330,8 +330,8 @@ def eval_command(
     except ValueError:
         raise _fail(f"--steps must be comma-separated integers, got {steps!r}") from None
     chosen = [s.strip() for s in strategies.split(",") if s.strip()]
-    if not chosen or set(chosen) - {"knn", "sift"}:
-        raise _fail(f"--strategies must name knn and/or sift, got {strategies!r}")
+    if not chosen or set(chosen) - set(STRATEGIES):
+        raise _fail(f"--strategies must name {' and/or '.join(sorted(STRATEGIES))}, got {strategies!r}")
     settings = _settings(config)
     if learning_rate is not None:
         settings = settings.model_copy(
@@ -343,18 +343,13 @@ def eval_command(
         ensure_datastore(settings)
     try:
         retriever = Retriever.from_settings(settings, datastore)
-        documents = list(read_corpus([data])) if data is not None else []
+        documents = (
+            list(read_corpus([data]))
+            if data is not None
+            else sample_documents(retriever.datastore, sample_datastore, seed)
+        )
     except (CorpusError, FileNotFoundError, EmbedderMismatchError) as error:
         raise _fail(str(error)) from None
-    if data is None:
-        store = retriever.datastore
-        rows = np.random.default_rng(seed).choice(
-            len(store), size=min(sample_datastore, len(store)), replace=False
-        )
-        documents = [
-            Document(id=f"{s.doc_id}#{s.chunk}", text=s.text, source=s.source)
-            for s in store.sequences(sorted(rows))
-        ]
     documents = documents[:limit] if limit else documents
     trainer = TestTimeTrainer(load_model(settings.model), settings.training)
     report = evaluate(
@@ -376,26 +371,17 @@ def eval_command(
 def calibrate(
     results: Annotated[list[Path], typer.Argument(help="results.json files written by `ttserve eval`")],
     out: Annotated[Path, typer.Option(help="gain-model JSON to write (point policy.calibration at it)")],
-    # 0.95 rather than 0.9: a threshold fitted to keep 90% of the calibration runs' gain kept 87.9% on
-    # held-out documents (BENCHMARKS.md).
+    # 0.95 rather than 0.9: a threshold fitted to keep 90% of the calibration runs' gain kept less than
+    # that on held-out documents, so the default leaves a margin (BENCHMARKS.md, "Adaptive policy").
     keep: Annotated[
         float, typer.Option(help="share of the realised gain the skip threshold must keep")
     ] = 0.95,
 ) -> None:
     """Fit the gain model (predicted BPB gain from SIFT's uncertainty reduction) to evaluation runs."""
-    import numpy as np
-
-    from ttserve.evaluation import load_report
-    from ttserve.policy import GainModel
+    from ttserve.evaluation import fit_gain_model, load_report
 
     try:
-        reports = [load_report(path) for path in results]
-        points = [report.calibration_points() for report in reports]
-        reductions, gains = np.concatenate([p[0] for p in points]), np.concatenate([p[1] for p in points])
-        corpora = ", ".join(sorted({report.config.get("datastore", "") for report in reports}))
-        model = GainModel.fit(reductions, gains, model=reports[0].config.get("model", ""), corpus=corpora)
-        prompts = [report.prompt_points() for report in reports]
-        model = model.with_threshold(*(np.concatenate([p[i] for p in prompts]) for i in range(3)), keep=keep)
+        model = fit_gain_model([load_report(path) for path in results], keep=keep)
     except (FileNotFoundError, ValueError, KeyError) as error:
         raise _fail(str(error)) from None
     model.save(out)

@@ -19,6 +19,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from ttserve.contract import Mode, Strategy
+
 DEFAULT_EMBEDDER = "sentence-transformers/all-MiniLM-L6-v2"
 
 
@@ -48,8 +50,10 @@ class EmbedderConfig(_Section):
 
 class DatastoreConfig(_Section):
     path: Path = Field(default_factory=lambda: cache_dir() / "datastore")
-    # flat: exact IndexFlatIP. hnsw / ivf: approximate search for large corpora. SIFT always sees exact
-    # candidate embeddings, read from the datastore's own embedding matrix (see ttserve/datastore/index.py).
+    # flat: exact IndexFlatIP. hnsw / ivf: approximate search for large corpora (see
+    # ttserve/datastore/faiss_index.py). SIFT always sees exact candidate embeddings, read from the
+    # datastore's own embedding matrix (ttserve/datastore/store.py), so the index type only changes which
+    # candidates are found.
     index_type: Literal["flat", "hnsw", "ivf"] = "flat"
     hnsw_m: PositiveInt = 32
     hnsw_ef_search: PositiveInt = 256
@@ -64,7 +68,7 @@ class DatastoreConfig(_Section):
 
 
 class RetrievalConfig(_Section):
-    strategy: Literal["sift", "knn"] = "sift"
+    strategy: Strategy = "sift"
     n: PositiveInt = 50  # sequences selected per prompt (the paper's N)
     k: PositiveInt = 200  # candidates pre-selected by Faiss (K)
     # SIFT's λ′: small favours diversity, large relevance. None: the value calibrated for the configured
@@ -86,8 +90,9 @@ class ModelConfig(_Section):
 class TrainingConfig(_Section):
     """Test-time fine-tuning (spec §4): one step per selected sequence, batch size 1, fresh LoRA each time."""
 
-    # LoRA needs a larger step than the full fine-tuning of tttlm (5e-5): measured on the default model, 32
-    # SIFT steps gain -0.5% BPB at 5e-5, -3.7% at 5e-4 and -8.1% at 2e-3 (BENCHMARKS.md).
+    # LoRA needs a much larger step than the full fine-tuning of tttlm (5e-5): at that rate a rank-16
+    # adapter barely moves, and the gain grew with the rate across the rates tried, up to this default
+    # (BENCHMARKS.md, "LoRA learning rate").
     learning_rate: float = Field(2e-3, gt=0)
     adam_eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -104,15 +109,16 @@ class TrainingConfig(_Section):
 class PolicyConfig(_Section):
     """When to train, and how much (spec §3)."""
 
-    mode: Literal["auto", "always", "off"] = "auto"
+    mode: Mode = "auto"
     # Adaptive-SIFT stopping constant: picks beyond the first n with alpha·n·σ_n > 1 are never trained on.
     alpha: float | None = Field(None, gt=0)
     # Train only when the predicted gain at the budget reaches this. None: the threshold fitted with the gain
     # model (`ttserve calibrate`), which keeps 95% of the calibration runs' gain.
     min_gain_bpb: float | None = Field(None, ge=0)
     # auto takes the fewest steps whose predicted gain reaches this fraction of the gain at the budget. 1.0:
-    # the whole budget when training at all. On the default model gains keep growing up to 32 steps, and
-    # cutting steps at 0.9 kept only 55% of the gain on held-out Pile documents (BENCHMARKS.md).
+    # the whole budget when training at all. On the default model the realised gain keeps growing with
+    # every step while SIFT's uncertainty, and with it the predicted gain, saturates within a few picks, so
+    # cutting steps short loses most of the gain (BENCHMARKS.md, "Adaptive policy").
     gain_fraction: float = Field(1.0, gt=0, le=1)
     calibration: Path | None = Field(None, description="gain-model JSON from `ttserve calibrate`")
 
@@ -193,6 +199,14 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls), file_secret_settings)
+
+
+def served_model_name(settings: Settings) -> str:
+    """The model id clients send and GET /v1/models lists: `server.served_model_name`, else
+    `model.name_or_path`, else "ttserve-tiny" for the embedded default."""
+    if settings.server.served_model_name:
+        return settings.server.served_model_name
+    return settings.model.name_or_path or "ttserve-tiny"
 
 
 def load_settings(config_file: str | Path | None = None, **overrides: object) -> Settings:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -32,10 +31,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ttserve.config import PolicyConfig
+from ttserve.contract import STRATEGIES, Strategy
 from ttserve.datastore import Datastore, Document
 from ttserve.policy import GainModel, plan
 from ttserve.retrieval import Retriever
-from ttserve.scoring import TextScore, score_text
+from ttserve.scoring import TextScore, bits_per_byte, score_text
 from ttserve.training import TestTimeTrainer
 
 NEAR_DUPLICATE_RATIO = 0.9  # difflib similarity above which a pick counts as a near-copy of the test text
@@ -77,7 +77,7 @@ class EvalReport:
             loglik = sum(d.adaptive.loglik if d.adaptive else d.base_loglik for d in self.documents)
         else:
             loglik = sum(_at(d.runs[strategy], steps).loglik for d in self.documents)
-        return -loglik / (math.log(2) * total_bytes)
+        return bits_per_byte(loglik, total_bytes)
 
     def summary(self) -> dict:
         steps = self.config["steps"]
@@ -112,26 +112,27 @@ class EvalReport:
         return summary
 
     def calibration_points(
-        self, strategies: Sequence[str] = ("sift", "knn")
+        self, strategies: Sequence[Strategy] = STRATEGIES
     ) -> tuple[np.ndarray, np.ndarray]:
         """(uncertainty reduction, realised BPB gain) for every document, strategy and checkpoint."""
         reductions, gains = [], []
         for d in self.documents:
-            base_bpb = -d.base_loglik / (math.log(2) * d.bytes)
+            base_bpb = bits_per_byte(d.base_loglik, d.bytes)
             for strategy in strategies:
                 for c in d.runs.get(strategy, []):
                     reductions.append(c.reduction)
-                    gains.append(base_bpb - (-c.loglik / (math.log(2) * d.bytes)))
+                    gains.append(base_bpb - bits_per_byte(c.loglik, d.bytes))
         return np.asarray(reductions), np.asarray(gains)
 
-    def prompt_points(self, strategy: str = "sift") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def prompt_points(self, strategy: Strategy = "sift") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(reduction, realised BPB gain, bytes) per document at the largest step count."""
         budget = max(self.config["steps"])
         rows = []
         for d in self.documents:
             if strategy in d.runs:
                 c = _at(d.runs[strategy], budget)
-                rows.append((c.reduction, (c.loglik - d.base_loglik) / (math.log(2) * d.bytes), d.bytes))
+                # The BPB gain, base minus trained: the bits per byte of the likelihood the training added.
+                rows.append((c.reduction, bits_per_byte(d.base_loglik - c.loglik, d.bytes), d.bytes))
         return (
             tuple(np.asarray(column, dtype=float) for column in zip(*rows, strict=True))
             if rows
@@ -150,23 +151,16 @@ class EvalReport:
             writer = csv.writer(handle)
             writer.writerow(["doc_id", "bytes", "strategy", "steps", "bpb", "uncertainty_reduction"])
             for d in self.documents:
-                writer.writerow([d.id, d.bytes, "base", 0, -d.base_loglik / (math.log(2) * d.bytes), 0.0])
+                writer.writerow([d.id, d.bytes, "base", 0, bits_per_byte(d.base_loglik, d.bytes), 0.0])
                 for strategy, checkpoints in d.runs.items():
                     for c in checkpoints:
                         writer.writerow(
-                            [
-                                d.id,
-                                d.bytes,
-                                strategy,
-                                c.steps,
-                                -c.loglik / (math.log(2) * d.bytes),
-                                c.reduction,
-                            ]
+                            [d.id, d.bytes, strategy, c.steps, bits_per_byte(c.loglik, d.bytes), c.reduction]
                         )
                 if d.adaptive is not None:
                     a = d.adaptive
                     writer.writerow(
-                        [d.id, d.bytes, "adaptive", a.steps, -a.loglik / (math.log(2) * d.bytes), a.reduction]
+                        [d.id, d.bytes, "adaptive", a.steps, bits_per_byte(a.loglik, d.bytes), a.reduction]
                     )
         self.plot(out / "bpb.png", model_name)
 
@@ -210,7 +204,7 @@ def evaluate(
     retriever: Retriever,
     trainer: TestTimeTrainer,
     steps: Sequence[int] = (8, 16, 32),
-    strategies: Sequence[str] = ("knn", "sift"),
+    strategies: Sequence[Strategy] = ("knn", "sift"),
     split: bool = False,
     policy: PolicyConfig | None = None,
     gain_model: GainModel | None = None,
@@ -285,6 +279,38 @@ def _train_and_score(
                 budget=n, steps=session.run.steps, loglik=score.loglik, reduction=reduction
             )
     return scores
+
+
+def sample_documents(datastore: Datastore, n: int, seed: int) -> list[Document]:
+    """`n` stored sequences drawn without replacement (every one when there are fewer), as test documents.
+
+    `ttserve eval --sample-datastore`. They come in sequence-id order and are named `doc_id#chunk`;
+    `evaluate` excludes each from its own candidates, while other chunks of the same document stay
+    retrievable. The same seed draws the same sequences.
+    """
+    rows = np.random.default_rng(seed).choice(len(datastore), size=min(n, len(datastore)), replace=False)
+    return [
+        Document(id=f"{s.doc_id}#{s.chunk}", text=s.text, source=s.source)
+        for s in datastore.sequences(sorted(rows))
+    ]
+
+
+def fit_gain_model(reports: Sequence[EvalReport], keep: float) -> GainModel:
+    """The gain model and its skip threshold, fitted to evaluation runs (`ttserve calibrate`).
+
+    The curve gain = a · reduction^b is fitted to every (uncertainty reduction, realised BPB gain)
+    checkpoint of every report. The threshold is then the largest predicted gain below which prompts can
+    skip training while the rest still keep `keep` of the realised gain (per prompt, at each report's
+    largest step count, weighted by bytes). The model and corpora the runs used are recorded with it.
+    """
+    if not reports:
+        raise ValueError("no evaluation reports to fit the gain model to")
+    points = [report.calibration_points() for report in reports]
+    reductions, gains = np.concatenate([p[0] for p in points]), np.concatenate([p[1] for p in points])
+    corpora = ", ".join(sorted({report.config.get("datastore", "") for report in reports}))
+    model = GainModel.fit(reductions, gains, model=reports[0].config.get("model", ""), corpus=corpora)
+    prompts = [report.prompt_points() for report in reports]
+    return model.with_threshold(*(np.concatenate([p[i] for p in prompts]) for i in range(3)), keep=keep)
 
 
 def exact_copies(datastore: Datastore) -> dict[str, set[int]]:

@@ -10,20 +10,19 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 
 from ttserve import selection
 from ttserve.config import RetrievalConfig, Settings
+from ttserve.contract import STRATEGIES, Strategy  # Strategy stays importable from here
 from ttserve.datastore import Datastore, EmbedderMismatchError, StoredSequence
 from ttserve.embedding import Embedder
 
-Strategy = Literal["sift", "knn"]
-
-# λ′ depends on how the embedder spreads similarities (spec §1: calibrate per embedding model). For
-# all-MiniLM-L6-v2, 32 SIFT steps on 30 Pile-sample documents (a tuning set) with the default model gave
-# BPB -9.9% at 0.01, -12.0% at 0.1, -16.9% at 1, -18.2% at 3, -17.8% at 10 (kNN: -11.5%); BENCHMARKS.md.
+# λ′ depends on how the embedder spreads similarities (spec §1: calibrate per embedding model).
+# all-MiniLM-L6-v2's cosine similarities are compressed: at activeft's 0.01 SIFT over-diversifies and loses
+# to kNN. The value here is the best of a sweep on a Pile tuning set that is never used for reporting
+# (BENCHMARKS.md, "λ′ calibration for MiniLM").
 CALIBRATED_LAMBDA = {"sentence-transformers/all-MiniLM-L6-v2": 3.0}
 
 
@@ -140,8 +139,8 @@ class Retriever:
         strategy = strategy or self.config.strategy
         lam = self.lam if lam is None else lam
         alpha = self.config.alpha if alpha is None else alpha
-        if strategy not in ("sift", "knn"):
-            raise ValueError(f"unknown strategy {strategy!r}: use 'sift' or 'knn'")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}: use {' or '.join(map(repr, STRATEGIES))}")
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         targets = np.atleast_2d(np.asarray(targets, dtype=np.float32))

@@ -11,10 +11,18 @@ predicts tokens [s_w, e_w) from the tokens before them inside the window.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+
+
+def bits_per_byte(loglik: float, n_bytes: int) -> float:
+    """−loglik / (ln 2 · n_bytes): a natural-log likelihood as bits per UTF-8 byte (0.0 for no bytes).
+
+    The one place the conversion is written. Over several documents, pass the summed log-likelihood and
+    the summed bytes: that is the byte-weighted aggregate of spec §5.
+    """
+    return -loglik / (math.log(2) * n_bytes) if n_bytes else 0.0
 
 
 @dataclass(frozen=True)
@@ -25,14 +33,7 @@ class TextScore:
 
     @property
     def bits_per_byte(self) -> float:
-        return -self.loglik / (math.log(2) * self.bytes) if self.bytes else 0.0
-
-
-def bits_per_byte(scores: Iterable[TextScore]) -> float:
-    """Byte-weighted BPB over documents."""
-    scores = list(scores)
-    total_bytes = sum(s.bytes for s in scores)
-    return -sum(s.loglik for s in scores) / (math.log(2) * total_bytes) if total_bytes else 0.0
+        return bits_per_byte(self.loglik, self.bytes)
 
 
 def prefix_token_id(tokenizer) -> int:

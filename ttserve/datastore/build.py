@@ -8,10 +8,6 @@ either does not exist or is the previous complete version. `add` works the same 
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -38,6 +34,7 @@ from ttserve.datastore.manifest import (
 from ttserve.datastore.sources import CorpusError, ReadStats, read_corpus
 from ttserve.datastore.store import EmbedderMismatchError, open_embeddings
 from ttserve.embedding import Embedder
+from ttserve.files import staged_directory
 
 EMBED_BLOCK = 512  # sequences embedded and written per step: bounds memory on any corpus size
 INDEX_BLOCK = 65536
@@ -217,7 +214,7 @@ def _writing(
     target: Path, replace: bool, copy_from: Path | None = None
 ) -> Iterator[tuple[Path, DocStoreWriter]]:
     """A staging directory and an open document-store transaction; both become `target` only on success."""
-    with _staged(target, replace, copy_from) as staging:
+    with staged_directory(target, replace=replace, copy_from=copy_from) as staging:
         writer = DocStoreWriter(staging / DOCSTORE_FILE)
         try:
             yield staging, writer
@@ -225,27 +222,3 @@ def _writing(
             writer.rollback()
             raise
         writer.commit()
-
-
-@contextmanager
-def _staged(target: Path, replace: bool, copy_from: Path | None = None) -> Iterator[Path]:
-    """A scratch directory beside `target` (same filesystem) that becomes `target` only on success."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
-    try:
-        if copy_from is not None:
-            shutil.copytree(copy_from, staging, dirs_exist_ok=True)
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if target.exists():
-        if not replace:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise FileExistsError(f"{target} appeared while building")
-        retired = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(target, retired)
-        os.rename(staging, target)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.rename(staging, target)

@@ -5,10 +5,11 @@ No model hub is reachable on the machines ttserve is developed and tested on, ye
 tokenizer. This module makes one, reproducibly, from text that is on every machine: the sources of the
 standard library. Real deployments point the configuration at any Hugging Face model instead.
 
-What it is pretrained on matters. The embedded default *datastore* (ttserve/datastore/local_corpus.py) is
-built from top-level stdlib modules, and evaluation scores held-out text of that kind. So the model is
-pretrained only on the stdlib *packages* (asyncio/, email/, json/, ...): it learns Python and the library's
-style, but the retrieved top-level-module text is new to it, and test-time training on it can show a gain.
+What it is pretrained on matters. The embedded default *datastore* is built from top-level stdlib modules,
+and evaluation scores held-out text of that kind. So the model is pretrained only on the stdlib *packages*
+(asyncio/, email/, json/, ...): it learns Python and the library's style, but the retrieved top-level-module
+text is new to it, and test-time training on it can show a gain. ttserve/stdlib_corpus.py owns both halves
+of that split.
 
 The result is a plain Hugging Face directory (safetensors weights, tokenizer files, generation config) that
 `AutoModelForCausalLM` / `AutoTokenizer` / vLLM load like any other, plus `ttserve_model.json`, which records
@@ -21,14 +22,8 @@ import hashlib
 import json
 import logging
 import math
-import os
 import platform
-import shutil
-import sysconfig
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +37,9 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTra
 
 from ttserve import __version__
 from ttserve.config import cache_dir
+from ttserve.files import staged_directory
+from ttserve.scoring import bits_per_byte
+from ttserve.stdlib_corpus import pretraining_files, stdlib_root
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +66,6 @@ CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- '<|assistant|>\\n' -}}{%- endif -%}"
 )
 
-# Directories of the stdlib that are not pretraining text. The first group is tests, GUI code and vendored
-# packages (as the rest of ttserve treats them); the second is generated data that would spend the model's
-# small capacity on tables: `encodings/` is ~100 machine-generated codec tables (1.4 MB, a quarter of all
-# package source), `pydoc_data/topics.py` is one 750 kB string dict, `config-3.x-*` is build configuration.
-EXCLUDED_DIRS = {"test", "tests", "idlelib", "tkinter", "turtledemo", "lib2to3", "site-packages", "ensurepip"}
-GENERATED_DIRS = {"encodings", "pydoc_data", "__phello__", "__pycache__"}
-
 
 class TinyModelConfig(BaseModel):
     """Everything that determines the built model: equal configs give equal builds on the same machine."""
@@ -91,9 +82,9 @@ class TinyModelConfig(BaseModel):
     max_position_embeddings: PositiveInt = 1024
     rope_theta: float = 10_000.0
 
-    # Pretraining. The default is sized to take about 4 minutes on an idle 2-core CPU (~0.44 s a step); it
-    # sees the ~1M-token corpus about twice (16 x 256 tokens per step). Of 1.5e-3, 3e-3 and 5e-3 the
-    # largest learning rate gave the lowest validation loss after 500 steps (4.02, 3.82, 3.72).
+    # Pretraining. The default is sized to build in a few minutes on a 2-core CPU while seeing the package
+    # corpus about twice; of the peak learning rates tried, the largest gave the lowest validation loss
+    # (BENCHMARKS.md, "The embedded default model").
     seq_len: PositiveInt = 256
     batch_size: PositiveInt = 16
     train_steps: PositiveInt = 500
@@ -127,7 +118,7 @@ class TinyModelConfig(BaseModel):
 
     @classmethod
     def quick(cls, **overrides: object) -> TinyModelConfig:
-        """A preset for tests: the same pipeline at toy scale, built in about 10 s on a 2-core CPU."""
+        """A preset for tests: the same pipeline at toy scale, built in seconds rather than minutes."""
         values: dict[str, object] = dict(
             vocab_size=1024,
             hidden_size=64,
@@ -174,37 +165,10 @@ class Corpus:
         }
 
 
-def pretraining_files(max_bytes: int | None = None, root: Path | None = None) -> list[Path]:
-    """The stdlib package sources the model is pretrained on, relative to the stdlib root, in path order.
-
-    Only files inside subdirectories: top-level modules are what the default datastore serves, so they
-    stay unseen by pretraining.
-    """
-    root = root or Path(sysconfig.get_paths()["stdlib"])
-    found: list[Path] = []
-    for directory, subdirs, names in os.walk(root):
-        # Prune in place (and sort, so the walk order never depends on the filesystem).
-        subdirs[:] = sorted(
-            d
-            for d in subdirs
-            if d not in EXCLUDED_DIRS and d not in GENERATED_DIRS and not d.startswith("config-")
-        )
-        if Path(directory) == root:
-            continue
-        found += [Path(directory, n).relative_to(root) for n in names if n.endswith(".py")]
-    chosen, total = [], 0
-    for rel in sorted(found, key=lambda p: p.as_posix()):
-        size = (root / rel).stat().st_size
-        if max_bytes is not None and total + size > max_bytes:
-            continue
-        chosen.append(rel)
-        total += size
-    return chosen
-
-
 def load_corpus(max_bytes: int | None = None) -> Corpus:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = pretraining_files(max_bytes, root)
+    """The pretraining half of the stdlib (ttserve/stdlib_corpus.py), read in order and fingerprinted."""
+    root = stdlib_root()
+    files = [path.relative_to(root) for path in pretraining_files(max_bytes, root)]
     digest = hashlib.sha256()
     texts = []
     for rel in files:
@@ -395,7 +359,7 @@ def evaluate(
         total_tokens += targets.numel()
         total_bytes += int(byte_lengths[targets].sum())
     model.train(was_training)
-    return total_nats / total_tokens, total_nats / (math.log(2) * max(1, total_bytes))
+    return total_nats / total_tokens, bits_per_byte(-total_nats, total_bytes)
 
 
 def pretrain(
@@ -479,7 +443,7 @@ def build_tiny_model(
     blocks = pack_blocks(corpus.texts, tokenizer, config.seq_len)
     byte_lengths = token_byte_lengths(tokenizer)
     model = new_model(config, tokenizer)
-    with _staged(out) as staging:
+    with staged_directory(out) as staging:
         stats = pretrain(model, blocks, byte_lengths, config, progress)
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
@@ -545,21 +509,3 @@ def ensure_tiny_model(
     if built_with != config.model_dump(mode="json"):
         raise ValueError(f"{out} holds a tiny model built with a different config: {built_with}")
     return out
-
-
-@contextmanager
-def _staged(target: Path) -> Iterator[Path]:
-    """A scratch directory beside `target` (same filesystem, so the final rename is atomic)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
-    # mkdtemp makes it private (0700); the model is meant to be readable like any other cache entry.
-    staging.chmod(0o755)
-    try:
-        yield staging
-        if target.exists():
-            # os.rename would silently replace an empty directory; never replace anything.
-            raise FileExistsError(f"{target} appeared while building")
-        os.rename(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise

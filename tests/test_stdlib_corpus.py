@@ -1,0 +1,67 @@
+"""The stdlib corpus's two halves: the default datastore's modules and the tiny model's pretraining files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ttserve.stdlib_corpus import (
+    DATASTORE_MAX_FILE_BYTES,
+    EXCLUDED_DIRS,
+    GENERATED_DIRS,
+    datastore_files,
+    pretraining_files,
+    stdlib_root,
+)
+
+
+def test_the_installed_stdlibs_halves_share_no_file():
+    # Uncapped, so that no budget hides an overlap the default selection happens to avoid.
+    datastore = {p.resolve() for p in datastore_files(max_bytes=2**62)}
+    pretraining = {p.resolve() for p in pretraining_files()}
+    assert datastore and pretraining
+    assert not datastore & pretraining
+    assert set(datastore_files()) <= {p for p in datastore_files(max_bytes=2**62)}
+    root = stdlib_root()
+    assert all(p.parent == root for p in datastore_files(max_bytes=2**62))
+    assert all(p.parent != root and root in p.parents for p in pretraining_files())
+
+
+def _write(path: Path, size: int = 100) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("x" * size)
+
+
+def test_each_half_takes_only_its_own_files(tmp_path):
+    kept_modules = ["argparse.py", "shlex.py"]
+    kept_packages = ["email/parser.py", "json/__init__.py", "json/decoder.py"]
+    left_out = [
+        "_private.py",  # private modules
+        "this.py",  # a joke
+        "huge.py",  # over DATASTORE_MAX_FILE_BYTES
+        "README.txt",  # not Python
+        "json/tests/test_json.py",  # tests
+        "idlelib/editor.py",  # GUI code
+        "site-packages/vendored/mod.py",  # installed packages
+        "encodings/cp1252.py",  # generated tables
+        "config-3.11-x86_64-linux-gnu/python-config.py",  # build configuration
+    ]
+    for name in kept_modules + kept_packages + left_out:
+        _write(tmp_path / name, DATASTORE_MAX_FILE_BYTES + 1 if name == "huge.py" else 100)
+
+    assert datastore_files(root=tmp_path) == [tmp_path / n for n in kept_modules]
+    assert pretraining_files(root=tmp_path) == [tmp_path / n for n in kept_packages]
+    assert {"idlelib", "site-packages"} <= EXCLUDED_DIRS and "encodings" in GENERATED_DIRS
+
+
+def test_byte_caps_take_files_in_path_order_while_they_fit(tmp_path):
+    for name, size in [
+        ("a.py", 300),
+        ("b.py", 500),
+        ("c.py", 200),
+        ("p/a.py", 300),
+        ("p/b.py", 500),
+        ("p/c.py", 200),
+    ]:
+        _write(tmp_path / name, size)
+    assert datastore_files(600, tmp_path) == [tmp_path / "a.py", tmp_path / "c.py"]
+    assert pretraining_files(600, tmp_path) == [tmp_path / "p/a.py", tmp_path / "p/c.py"]

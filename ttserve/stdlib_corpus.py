@@ -1,0 +1,95 @@
+"""The Python standard library as the embedded default's corpus, split into two halves that share no file.
+
+The standard library is on every machine that runs ttserve, needs no download, and is code, as most of
+the Pile is. The embedded default makes two things from it:
+
+- the **datastore** (`datastore_files`): top-level modules (`argparse.py`, `shlex.py`, ...). This is the
+  text retrieval serves and test-time training fine-tunes on, and what `ttserve eval --sample-datastore`
+  scores;
+- the **tiny model's pretraining corpus** (`pretraining_files`): the files inside packages (`asyncio/`,
+  `email/`, `json/`, ...), from which the model learns Python and the library's style.
+
+The halves are disjoint on purpose. Test-time training can only show a gain on text the model has not
+already learnt, so if pretraining saw the datastore's text, retrieval would hand the model what it
+already knows and evaluation would measure nothing. A file is either top-level or inside a package, never
+both; the exclusions below only drop text that belongs to neither half (tests, GUI code, vendored
+packages, generated tables, jokes).
+
+Both selections are deterministic for a given Python version: files are taken in path order.
+"""
+
+from __future__ import annotations
+
+import os
+import sysconfig
+from pathlib import Path
+
+# --- the datastore half: top-level modules ----------------------------------------------------------------
+DATASTORE_BUDGET_BYTES = 600_000  # bounds how long the first build of the default datastore takes
+DATASTORE_MAX_FILE_BYTES = 30_000  # many mid-sized modules make a more varied corpus than a few huge ones
+# Modules that are jokes or generated tables rather than code anyone asks about.
+DATASTORE_SKIP = {"this.py", "antigravity.py", "__phello__.foo.py", "_pydecimal.py"}
+
+# --- the pretraining half: files inside packages ----------------------------------------------------------
+# Tests, GUI code and vendored packages, as the rest of ttserve treats them.
+EXCLUDED_DIRS = {"test", "tests", "idlelib", "tkinter", "turtledemo", "lib2to3", "site-packages", "ensurepip"}
+# Generated data that would spend the tiny model's small capacity on tables: `encodings/` is ~100
+# machine-generated codec tables (1.4 MB, a quarter of all package source), `pydoc_data/topics.py` is one
+# 750 kB string dict. `config-3.x-*` directories (build configuration) are dropped by prefix.
+GENERATED_DIRS = {"encodings", "pydoc_data", "__phello__", "__pycache__"}
+
+
+def stdlib_root() -> Path:
+    """The directory of this interpreter's pure-Python standard library."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def datastore_files(max_bytes: int = DATASTORE_BUDGET_BYTES, root: Path | None = None) -> list[Path]:
+    """The top-level stdlib modules the default datastore is built from: absolute paths, in name order.
+
+    Private modules (`_*.py`), `DATASTORE_SKIP` and files over `DATASTORE_MAX_FILE_BYTES` are left out;
+    the rest are taken while they fit in `max_bytes`.
+    """
+    root = root or stdlib_root()
+    chosen, total = [], 0
+    for path in sorted(root.glob("*.py")):
+        size = path.stat().st_size
+        if (
+            path.name in DATASTORE_SKIP
+            or path.name.startswith("_")
+            or size > DATASTORE_MAX_FILE_BYTES
+            or total + size > max_bytes
+        ):
+            continue
+        chosen.append(path)
+        total += size
+    return chosen
+
+
+def pretraining_files(max_bytes: int | None = None, root: Path | None = None) -> list[Path]:
+    """The stdlib package sources the tiny model is pretrained on: absolute paths, in path order.
+
+    Only `.py` files inside subdirectories of the root, outside `EXCLUDED_DIRS`, `GENERATED_DIRS` and
+    `config-*`. With `max_bytes`, files are taken in path order while they fit, so a cap selects the same
+    files on every machine with the same Python version.
+    """
+    root = root or stdlib_root()
+    found: list[Path] = []
+    for directory, subdirs, names in os.walk(root):
+        # Prune in place (and sort, so the walk order never depends on the filesystem).
+        subdirs[:] = sorted(
+            d
+            for d in subdirs
+            if d not in EXCLUDED_DIRS and d not in GENERATED_DIRS and not d.startswith("config-")
+        )
+        if Path(directory) == root:
+            continue  # top-level modules are the datastore's
+        found += [Path(directory, n) for n in names if n.endswith(".py")]
+    chosen, total = [], 0
+    for path in sorted(found, key=lambda p: p.relative_to(root).as_posix()):
+        size = path.stat().st_size
+        if max_bytes is not None and total + size > max_bytes:
+            continue
+        chosen.append(path)
+        total += size
+    return chosen
