@@ -221,10 +221,3 @@ def load_settings(config_file: str | Path | None = None, **overrides: object) ->
         model_config = SettingsConfigDict(yaml_file=path)
 
     return FileSettings(**overrides)
-
-
-def served_model_name(settings: Settings) -> str:
-    """The model id clients send and GET /v1/models lists."""
-    if settings.server.served_model_name:
-        return settings.server.served_model_name
-    return settings.model.name_or_path or "ttserve-tiny"

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -15,7 +17,30 @@ from pydantic import BaseModel
 from ttserve.contract import GenerateRequest, GenerationChunk, Started
 from ttserve.serving.errors import as_api_error
 from ttserve.serving.metrics import Metrics
-from ttserve.serving.protocol import APIError, UsageInfo
+from ttserve.serving.protocol import APIError, ChatCompletionRequest, CompletionRequest, UsageInfo
+
+
+@dataclass
+class Answer:
+    """The backend's answer to one request: `events` to stream, or the `whole` generation."""
+
+    id: str
+    started: Started
+    events: AsyncIterator[GenerationChunk] | None = None
+    whole: GenerationChunk | None = None
+
+
+async def answer(request: Request, body: ChatCompletionRequest | CompletionRequest, id_prefix: str) -> Answer:
+    """Check the model, convert the wire request, and ask the backend: a stream (its first event already
+    received, so errors before it are HTTP errors) or the whole answer in one call."""
+    check_model(request, body.model)
+    generate = body.to_generate_request()
+    response_id = f"{id_prefix}-{uuid.uuid4().hex}"
+    if body.stream:
+        events, started = await start_stream(request, generate)
+        return Answer(response_id, started, events=events)
+    started, whole = await complete(request, generate)
+    return Answer(response_id, started, whole=whole)
 
 
 def check_model(request: Request, model: str) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
-
 from fastapi import APIRouter, Request
 
 from ttserve.contract import TokenLogprob
@@ -21,13 +19,12 @@ from ttserve.serving.protocol import (
     TTTInfo,
 )
 from ttserve.serving.responses import (
+    Answer,
     StreamTimer,
-    check_model,
-    complete,
+    answer,
     event,
     finish,
     guarded,
-    start_stream,
     token_bytes,
     usage,
 )
@@ -37,20 +34,17 @@ router = APIRouter()
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
-    check_model(request, body.model)
-    generate = body.to_generate_request()
-    response_id = f"chatcmpl-{uuid.uuid4().hex}"
-    if body.stream:
-        events, started = await start_stream(request, generate)
-        return _stream(response_id, body, events, started, StreamTimer(request.app.state.metrics, "chat"))
-    started, whole = await complete(request, generate)
+    reply = await answer(request, body, "chatcmpl")
+    if reply.events is not None:
+        return _stream(reply, body, StreamTimer(request.app.state.metrics, "chat"))
+    whole = reply.whole
     choice = ChatCompletionChoice(
         message=ChatResponseMessage(content=whole.text),
         logprobs=_logprobs(whole.logprobs) if body.logprobs else None,
         finish_reason=finish(whole.finish_reason),
     )
     return ChatCompletionResponse(
-        id=response_id, model=body.model, choices=[choice], usage=usage(whole), ttt=TTTInfo.of(started.ttt)
+        id=reply.id, model=body.model, choices=[choice], usage=usage(whole), ttt=TTTInfo.of(reply.started.ttt)
     ).model_dump(mode="json")
 
 
@@ -68,15 +62,15 @@ def _logprobs(entries: list[TokenLogprob]) -> ChatLogprobs:
     )
 
 
-def _stream(response_id, body: ChatCompletionRequest, events, started, timer: StreamTimer):
-    ttt = TTTInfo.of(started.ttt)
+def _stream(reply: Answer, body: ChatCompletionRequest, timer: StreamTimer):
+    ttt = TTTInfo.of(reply.started.ttt)
 
     def chunk(choices, **extra) -> str:
-        return event(ChatCompletionChunk(id=response_id, model=body.model, choices=choices, **extra))
+        return event(ChatCompletionChunk(id=reply.id, model=body.model, choices=choices, **extra))
 
     async def stream():
         yield chunk([ChatCompletionChunkChoice(delta=DeltaMessage(role="assistant", content=""))])
-        async for piece in events:
+        async for piece in reply.events:
             timer.saw(piece)
             logprobs = _logprobs(piece.logprobs) if body.logprobs else None
             if piece.final:
@@ -91,6 +85,6 @@ def _stream(response_id, body: ChatCompletionRequest, events, started, timer: St
                 yield chunk(
                     [ChatCompletionChunkChoice(delta=DeltaMessage(content=piece.text), logprobs=logprobs)]
                 )
-        timer.done(started)
+        timer.done(reply.started)
 
     return guarded(stream)

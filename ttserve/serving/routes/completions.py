@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
-
 from fastapi import APIRouter, Request
 
 from ttserve.contract import Started, TokenLogprob
@@ -16,13 +14,12 @@ from ttserve.serving.protocol import (
     TTTInfo,
 )
 from ttserve.serving.responses import (
+    Answer,
     StreamTimer,
-    check_model,
-    complete,
+    answer,
     event,
     finish,
     guarded,
-    start_stream,
     usage,
 )
 
@@ -31,16 +28,11 @@ router = APIRouter()
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
-    check_model(request, body.model)
-    generate = body.to_generate_request()
-    response_id = f"cmpl-{uuid.uuid4().hex}"
-    if body.stream:
-        events, started = await start_stream(request, generate)
-        echo = _echo(body, started) if body.echo else None
-        timer = StreamTimer(request.app.state.metrics, "completions")
-        return _stream(response_id, body, events, started, echo, timer)
-    started, whole = await complete(request, generate)
-    echo = _echo(body, started) if body.echo else None
+    reply = await answer(request, body, "cmpl")
+    echo = _echo(body, reply.started) if body.echo else None
+    if reply.events is not None:
+        return _stream(reply, body, echo, StreamTimer(request.app.state.metrics, "completions"))
+    whole = reply.whole
     text = whole.text
     logprobs = _logprobs(whole.logprobs) if body.logprobs is not None else None
     if echo is not None:
@@ -48,7 +40,7 @@ async def completions(body: CompletionRequest, request: Request):
         logprobs = _join(echo[1], logprobs) if logprobs is not None else None
     choice = CompletionChoice(text=text, logprobs=logprobs, finish_reason=finish(whole.finish_reason))
     return CompletionResponse(
-        id=response_id, model=body.model, choices=[choice], usage=usage(whole), ttt=TTTInfo.of(started.ttt)
+        id=reply.id, model=body.model, choices=[choice], usage=usage(whole), ttt=TTTInfo.of(reply.started.ttt)
     ).model_dump(mode="json")
 
 
@@ -92,19 +84,19 @@ def _join(prompt: CompletionLogprobs | None, completion: CompletionLogprobs) -> 
     )
 
 
-def _stream(response_id, body: CompletionRequest, events, started: Started, echo, timer: StreamTimer):
-    ttt = TTTInfo.of(started.ttt)
+def _stream(reply: Answer, body: CompletionRequest, echo, timer: StreamTimer):
+    ttt = TTTInfo.of(reply.started.ttt)
     with_logprobs = body.logprobs is not None
 
     def chunk(choices, **extra) -> str:
-        return event(CompletionChunk(id=response_id, model=body.model, choices=choices, **extra))
+        return event(CompletionChunk(id=reply.id, model=body.model, choices=choices, **extra))
 
     async def stream():
         offset = 0
         if echo is not None:
             yield chunk([CompletionChoice(text=echo[0], logprobs=echo[1] if with_logprobs else None)])
             offset = len(echo[0])
-        async for piece in events:
+        async for piece in reply.events:
             timer.saw(piece)
             logprobs = _logprobs(piece.logprobs, offset) if with_logprobs else None
             offset += sum(len(e.token) for e in piece.logprobs)
@@ -117,6 +109,6 @@ def _stream(response_id, body: CompletionRequest, events, started: Started, echo
                     yield chunk([], usage=usage(piece), ttt=ttt)
             elif piece.text or piece.logprobs:
                 yield chunk([CompletionChoice(text=piece.text, logprobs=logprobs)])
-        timer.done(started)
+        timer.done(reply.started)
 
     return guarded(stream)
