@@ -214,13 +214,13 @@ class Started:
 class ReplicaStats:
     """Counters of one generator replica, for /metrics: the adapter cache, the training queue, the LoRA gate."""
 
-    adapters_cached: int = 0
-    adapter_bytes: int = 0
-    cache_hits: int = 0
-    cache_misses: int = 0
-    cache_evictions: int = 0
-    trainings_queued: int = 0  # admitted and not finished (waiting or running)
-    training_steps_queued: int = 0
+    adapters_cached: int
+    adapter_bytes: int
+    cache_hits: int
+    cache_misses: int
+    cache_evictions: int
+    trainings_queued: int  # admitted and not finished (waiting or running)
+    training_steps_queued: int
     # vLLM on CPU only (the LoRA gate, engines/lora_gate.py): requests by path, and waits for plain ones.
     gate_plain: int | None = None
     gate_zero_adapter: int | None = None

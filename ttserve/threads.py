@@ -50,9 +50,10 @@ class Trainer(Protocol):
         self,
         texts: Sequence[str],
         max_steps: int,
-        output_dir: str | Path | None = None,
-        deadline: float | None = None,
-        cancel: threading.Event | None = None,
+        *,
+        output_dir: Path,
+        deadline: float,
+        cancel: threading.Event,
     ) -> TrainingRun: ...
 
 

@@ -25,6 +25,49 @@ ENDPOINT_OF_PATH = {
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
+# The generator replica's counters: (metric, help, kind, a ReplicaStats field, or (label, {value: field})).
+REPLICA_METRICS = (
+    ("ttserve_generator_adapters_cached", "adapters in the cache", "gauge", "adapters_cached"),
+    ("ttserve_generator_adapter_bytes", "bytes of the cached adapters' files", "gauge", "adapter_bytes"),
+    (
+        "ttserve_generator_adapter_cache_lookups",
+        "adapter cache lookups by result",
+        "counter",
+        ("result", {"hit": "cache_hits", "miss": "cache_misses"}),
+    ),
+    (
+        "ttserve_generator_adapter_evictions",
+        "adapters evicted from the engine and disk",
+        "counter",
+        "cache_evictions",
+    ),
+    (
+        "ttserve_generator_trainings_queued",
+        "trainings admitted and not finished",
+        "gauge",
+        "trainings_queued",
+    ),
+    (
+        "ttserve_generator_training_steps_queued",
+        "training steps admitted, not taken",
+        "gauge",
+        "training_steps_queued",
+    ),
+    (  # vLLM on CPU only: the LoRA gate (engines/lora_gate.py); absent elsewhere
+        "ttserve_generator_lora_gate_requests",
+        "requests through vLLM's LoRA gate by path: plain base, base through the zero adapter, adapted",
+        "counter",
+        ("path", {"plain": "gate_plain", "zero_adapter": "gate_zero_adapter", "adapted": "gate_adapted"}),
+    ),
+    (
+        "ttserve_generator_lora_gate_waits",
+        "LoRA requests that waited for plain base requests to leave vLLM",
+        "counter",
+        "gate_waited",
+    ),
+)
+
+
 class ReplicaCollector(Collector):
     """The generator replica's counters as of the last scrape (`update`); nothing until one succeeds."""
 
@@ -40,51 +83,22 @@ class ReplicaCollector(Collector):
         yield GaugeMetricFamily(
             "ttserve_generator_up", "1 when the last scrape read the generator's counters", value=int(self.up)
         )
-        s = self.stats
-        if s is None:
+        if self.stats is None:
             return
-        yield GaugeMetricFamily(
-            "ttserve_generator_adapters_cached", "adapters in the cache", value=s.adapters_cached
-        )
-        yield GaugeMetricFamily(
-            "ttserve_generator_adapter_bytes", "bytes of the cached adapters' files", value=s.adapter_bytes
-        )
-        lookups = CounterMetricFamily(
-            "ttserve_generator_adapter_cache_lookups", "adapter cache lookups by result", labels=["result"]
-        )
-        lookups.add_metric(["hit"], s.cache_hits)
-        lookups.add_metric(["miss"], s.cache_misses)
-        yield lookups
-        yield CounterMetricFamily(
-            "ttserve_generator_adapter_evictions",
-            "adapters evicted from the engine and disk",
-            value=s.cache_evictions,
-        )
-        yield GaugeMetricFamily(
-            "ttserve_generator_trainings_queued",
-            "trainings admitted and not finished",
-            value=s.trainings_queued,
-        )
-        yield GaugeMetricFamily(
-            "ttserve_generator_training_steps_queued",
-            "training steps admitted and not taken",
-            value=s.training_steps_queued,
-        )
-        if s.gate_plain is not None:  # vLLM on CPU: the LoRA gate (engines/lora_gate.py)
-            paths = CounterMetricFamily(
-                "ttserve_generator_lora_gate_requests",
-                "requests through vLLM's LoRA gate by path: plain base, base through the zero adapter, adapted",
-                labels=["path"],
-            )
-            paths.add_metric(["plain"], s.gate_plain)
-            paths.add_metric(["zero_adapter"], s.gate_zero_adapter)
-            paths.add_metric(["adapted"], s.gate_adapted)
-            yield paths
-            yield CounterMetricFamily(
-                "ttserve_generator_lora_gate_waits",
-                "LoRA requests that waited for plain base requests to leave vLLM",
-                value=s.gate_waited,
-            )
+        for name, documentation, kind, fields in REPLICA_METRICS:
+            family = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
+            if isinstance(fields, str):
+                value = getattr(self.stats, fields)
+                if value is not None:
+                    yield family(name, documentation, value=value)
+                continue
+            label, by_value = fields
+            values = {value: getattr(self.stats, field) for value, field in by_value.items()}
+            if all(v is not None for v in values.values()):
+                metric = family(name, documentation, labels=[label])
+                for value, count in values.items():
+                    metric.add_metric([value], count)
+                yield metric
 
 
 class Metrics:

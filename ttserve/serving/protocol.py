@@ -315,12 +315,8 @@ class _SamplingRequest(_RequestModel):
                 logprobs=logprobs,
             ),
             compute_budget=self.compute_budget,
-            strategy=ttt.strategy,
-            lam=ttt.lam,
-            mode=ttt.mode,
-            deadline_s=ttt.deadline_s,
-            n=ttt.n,
             request_id=uuid.uuid4().hex,
+            **ttt.model_dump(),  # strategy, lam, mode, deadline_s, n: the same names in GenerateRequest
             **prompt,
         )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from ttserve.contract import TokenLogprob
+from ttserve.serving import responses
 from ttserve.serving.protocol import (
     ChatCompletionChoice,
     ChatCompletionChunk,
@@ -18,33 +19,27 @@ from ttserve.serving.protocol import (
     TopLogprob,
     TTTInfo,
 )
-from ttserve.serving.responses import (
-    Answer,
-    StreamTimer,
-    answer,
-    event,
-    finish,
-    guarded,
-    token_bytes,
-    usage,
-)
 
 router = APIRouter()
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
-    reply = await answer(request, body, "chatcmpl")
+    reply = await responses.answer(request, body, "chatcmpl")
     if reply.events is not None:
-        return _stream(reply, body, StreamTimer(request.app.state.metrics, "chat"))
+        return _stream(reply, body, responses.StreamTimer(request.app.state.metrics, "chat"))
     whole = reply.whole
     choice = ChatCompletionChoice(
         message=ChatResponseMessage(content=whole.text),
         logprobs=_logprobs(whole.logprobs) if body.logprobs else None,
-        finish_reason=finish(whole.finish_reason),
+        finish_reason=responses.finish(whole.finish_reason),
     )
     return ChatCompletionResponse(
-        id=reply.id, model=body.model, choices=[choice], usage=usage(whole), ttt=TTTInfo.of(reply.started.ttt)
+        id=reply.id,
+        model=body.model,
+        choices=[choice],
+        usage=responses.usage(whole),
+        ttt=TTTInfo.of(reply.started.ttt),
     ).model_dump(mode="json")
 
 
@@ -54,19 +49,21 @@ def _logprobs(entries: list[TokenLogprob]) -> ChatLogprobs:
             ChatCompletionTokenLogprob(
                 token=e.token,
                 logprob=e.logprob,
-                bytes=token_bytes(e.token),
-                top_logprobs=[TopLogprob(token=t, logprob=lp, bytes=token_bytes(t)) for _, t, lp in e.top],
+                bytes=responses.token_bytes(e.token),
+                top_logprobs=[
+                    TopLogprob(token=t, logprob=lp, bytes=responses.token_bytes(t)) for _, t, lp in e.top
+                ],
             )
             for e in entries
         ]
     )
 
 
-def _stream(reply: Answer, body: ChatCompletionRequest, timer: StreamTimer):
+def _stream(reply: responses.Answer, body: ChatCompletionRequest, timer: responses.StreamTimer):
     ttt = TTTInfo.of(reply.started.ttt)
 
     def chunk(choices, **extra) -> str:
-        return event(ChatCompletionChunk(id=reply.id, model=body.model, choices=choices, **extra))
+        return responses.event(ChatCompletionChunk(id=reply.id, model=body.model, choices=choices, **extra))
 
     async def stream():
         yield chunk([ChatCompletionChunkChoice(delta=DeltaMessage(role="assistant", content=""))])
@@ -76,15 +73,15 @@ def _stream(reply: Answer, body: ChatCompletionRequest, timer: StreamTimer):
             if piece.final:
                 delta = DeltaMessage(content=piece.text) if piece.text else DeltaMessage()
                 last = ChatCompletionChunkChoice(
-                    delta=delta, logprobs=logprobs, finish_reason=finish(piece.finish_reason)
+                    delta=delta, logprobs=logprobs, finish_reason=responses.finish(piece.finish_reason)
                 )
                 yield chunk([last], ttt=None if body.include_usage else ttt)
                 if body.include_usage:
-                    yield chunk([], usage=usage(piece), ttt=ttt)
+                    yield chunk([], usage=responses.usage(piece), ttt=ttt)
             elif piece.text or piece.logprobs:
                 yield chunk(
                     [ChatCompletionChunkChoice(delta=DeltaMessage(content=piece.text), logprobs=logprobs)]
                 )
         timer.done(reply.started)
 
-    return guarded(stream)
+    return responses.guarded(stream)

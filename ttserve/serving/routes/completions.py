@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from ttserve.contract import Started, TokenLogprob
+from ttserve.serving import responses
 from ttserve.serving.protocol import (
     CompletionChoice,
     CompletionChunk,
@@ -13,34 +14,31 @@ from ttserve.serving.protocol import (
     CompletionResponse,
     TTTInfo,
 )
-from ttserve.serving.responses import (
-    Answer,
-    StreamTimer,
-    answer,
-    event,
-    finish,
-    guarded,
-    usage,
-)
 
 router = APIRouter()
 
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
-    reply = await answer(request, body, "cmpl")
+    reply = await responses.answer(request, body, "cmpl")
     echo = _echo(body, reply.started) if body.echo else None
     if reply.events is not None:
-        return _stream(reply, body, echo, StreamTimer(request.app.state.metrics, "completions"))
+        return _stream(reply, body, echo, responses.StreamTimer(request.app.state.metrics, "completions"))
     whole = reply.whole
     text = whole.text
     logprobs = _logprobs(whole.logprobs) if body.logprobs is not None else None
     if echo is not None:
         text = echo[0] + text
         logprobs = _join(echo[1], logprobs) if logprobs is not None else None
-    choice = CompletionChoice(text=text, logprobs=logprobs, finish_reason=finish(whole.finish_reason))
+    choice = CompletionChoice(
+        text=text, logprobs=logprobs, finish_reason=responses.finish(whole.finish_reason)
+    )
     return CompletionResponse(
-        id=reply.id, model=body.model, choices=[choice], usage=usage(whole), ttt=TTTInfo.of(reply.started.ttt)
+        id=reply.id,
+        model=body.model,
+        choices=[choice],
+        usage=responses.usage(whole),
+        ttt=TTTInfo.of(reply.started.ttt),
     ).model_dump(mode="json")
 
 
@@ -84,12 +82,12 @@ def _join(prompt: CompletionLogprobs | None, completion: CompletionLogprobs) -> 
     )
 
 
-def _stream(reply: Answer, body: CompletionRequest, echo, timer: StreamTimer):
+def _stream(reply: responses.Answer, body: CompletionRequest, echo, timer: responses.StreamTimer):
     ttt = TTTInfo.of(reply.started.ttt)
     with_logprobs = body.logprobs is not None
 
     def chunk(choices, **extra) -> str:
-        return event(CompletionChunk(id=reply.id, model=body.model, choices=choices, **extra))
+        return responses.event(CompletionChunk(id=reply.id, model=body.model, choices=choices, **extra))
 
     async def stream():
         offset = 0
@@ -102,13 +100,13 @@ def _stream(reply: Answer, body: CompletionRequest, echo, timer: StreamTimer):
             offset += sum(len(e.token) for e in piece.logprobs)
             if piece.final:
                 last = CompletionChoice(
-                    text=piece.text, logprobs=logprobs, finish_reason=finish(piece.finish_reason)
+                    text=piece.text, logprobs=logprobs, finish_reason=responses.finish(piece.finish_reason)
                 )
                 yield chunk([last], ttt=None if body.include_usage else ttt)
                 if body.include_usage:
-                    yield chunk([], usage=usage(piece), ttt=ttt)
+                    yield chunk([], usage=responses.usage(piece), ttt=ttt)
             elif piece.text or piece.logprobs:
                 yield chunk([CompletionChoice(text=piece.text, logprobs=logprobs)])
         timer.done(reply.started)
 
-    return guarded(stream)
+    return responses.guarded(stream)
