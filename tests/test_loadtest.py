@@ -1,14 +1,24 @@
-"""The load test's own parts, which import no locust: its report, its requests and its response reading."""
+"""The locust load test: its report, its request and response handling, and one short run against the server.
+
+The run is a subprocess: locust monkey-patches the standard library with gevent on import, which must not
+happen inside pytest's process. The other modules import no locust and are tested here directly.
+"""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from loadtests.completion import error_message, read_stream, read_whole
 from loadtests.report import Record, build_report, fallback_kind, markdown, percentile, run_config, write_json
 from loadtests.workload import DEFAULT_BUDGET, Workload, parse_budget_mix
+
+REPO = Path(__file__).resolve().parents[1]
+LOCUSTFILE = REPO / "loadtests" / "locustfile.py"
 
 
 def ok(budget: str, latency: float, decision: str, **fields) -> Record:
@@ -208,3 +218,30 @@ def test_request_bodies_carry_the_budget_and_the_ttt_object():
     assert body["messages"] == [{"role": "user", "content": "hello"}]
     assert body["stream_options"] == {"include_usage": True}
     assert "compute_budget" not in workload.body(DEFAULT_BUDGET, 0)  # the server's default applies
+
+
+# --- one run against the server -------------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_short_locust_run_tallies_decisions_per_budget(running, tmp_path):
+    report_json = tmp_path / "report.json"
+    command = [
+        sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary",
+        "-u", "2", "-r", "2", "-t", "4s", "--stop-timeout", "30",
+        "--host", running.url, "--model", running.model, "--max-tokens", "8",
+        "--budget-mix", "0:0.5,2:0.5", "--ttt-mode", "always", "--report-json", str(report_json),
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    rows = table(done.stdout[done.stdout.index("## ttserve load test") :])
+    assert set(rows) == {"all", "0", "2"}
+    assert rows["all"]["errors"] == "0" and int(rows["all"]["ok"]) > 0
+    zero, two = rows["0"], rows["2"]
+    assert int(zero["ok"]) > 0 and zero["skipped"] == zero["ok"]
+    assert int(two["ok"]) > 0 and int(two["trained"]) + int(two["reused"]) == int(two["ok"])
+    # locust's own table (on stderr) has a row per budget and one per budget and decision
+    assert "chat budget=2" in done.stderr and "budget=0 skipped" in done.stderr
+
+    saved = json.loads(report_json.read_text())
+    assert len(saved["records"]) == int(rows["all"]["requests"])
+    assert all(r["status"] == "ok" for r in saved["records"])
