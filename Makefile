@@ -34,7 +34,7 @@ test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check ttserve tests benchmarks
+	$(VENV)/bin/ruff check ttserve tests benchmarks loadtests
 
 # Benchmarks: the reference library (activeft) lives in its own venv, never in ttserve's.
 BENCH_VENV := .venv-bench
