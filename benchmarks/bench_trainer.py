@@ -24,8 +24,8 @@ from ttserve.config import ModelConfig, Settings, TrainingConfig
 from ttserve.datastore import Datastore
 from ttserve.datastore.local_corpus import ensure_datastore
 from ttserve.lm import load_model
+from ttserve.lora import lora_config
 from ttserve.training import TestTimeTrainer
-from ttserve.training.lora import lora_config
 
 
 def bare_request(model, tokenizer, parameters, texts: list[str], config: TrainingConfig) -> None:

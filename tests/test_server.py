@@ -403,6 +403,10 @@ def test_the_vllm_engine_behind_the_server_answers_like_the_transformers_engine(
             assert answer.choices[0].message.content == expected.choices[0].message.content, budget
             assert ttt_of(answer)["adapter_id"] == ttt_of(expected)["adapter_id"]
             assert ttt_of(answer)["steps"] == budget
+        if replica.pipeline.engine.routes_base_through_zero_adapter:  # vLLM's CPU build: the gate's counts
+            metrics = httpx.get(f"{server.url}/metrics").text
+            assert 'ttserve_generator_lora_gate_requests_total{path="plain"} 1.0' in metrics
+            assert 'ttserve_generator_lora_gate_requests_total{path="adapted"} 1.0' in metrics
     finally:
         server.stop()
         loop_thread.run(replica.close())

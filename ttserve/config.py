@@ -101,7 +101,7 @@ class TrainingConfig(_Section):
     lora_rank: PositiveInt = 16
     lora_alpha: float = Field(32.0, gt=0)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
-    # None: a per-architecture default (attention and MLP projections), see ttserve/training/lora.py.
+    # None: a per-architecture default (attention and MLP projections), see ttserve/lora.py.
     target_modules: list[str] | None = None
     seed: int = 0
 

@@ -88,8 +88,7 @@ class RequestPipeline:
         self.training.close()
 
     def stats(self) -> ReplicaStats:
-        gate = getattr(self.engine, "gate", None)  # the vLLM engine's LoRA gate, when it has one
-        guarded = gate is not None and getattr(self.engine, "routes_base_through_zero_adapter", False)
+        gate = self.engine.lora_gate_stats()
         return ReplicaStats(
             adapters_cached=len(self.adapters),
             adapter_bytes=self.adapters.bytes,
@@ -98,10 +97,10 @@ class RequestPipeline:
             cache_evictions=self.adapters.stats.evictions,
             trainings_queued=self.training.queued,
             training_steps_queued=self.training.queued_steps,
-            gate_plain=gate.stats.plain if guarded else None,
-            gate_zero_adapter=gate.stats.zero_adapter if guarded else None,
-            gate_adapted=gate.stats.adapted if guarded else None,
-            gate_waited=gate.stats.waited if guarded else None,
+            gate_plain=gate.plain if gate else None,
+            gate_zero_adapter=gate.zero_adapter if gate else None,
+            gate_adapted=gate.adapted if gate else None,
+            gate_waited=gate.waited if gate else None,
         )
 
     # --- the request ----------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from ttserve.config import TrainingConfig
 from ttserve.lm import LoadedModel
-from ttserve.training.lora import lora_config
+from ttserve.lora import lora_config
 
 # The adapter being trained. PEFT saves a non-default adapter into a sub-directory, so the trainer's own
 # adapter keeps PEFT's default name and saves as a standard adapter directory.

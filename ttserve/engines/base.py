@@ -23,6 +23,7 @@ from ttserve.contract import (
     PromptScores,
     SamplingParams,
 )
+from ttserve.engines.lora_gate import GateStats
 from ttserve.files import directory_bytes
 
 
@@ -56,7 +57,9 @@ class Engine(abc.ABC):
         (as vLLM does); a second BOS would shift every logit.
         """
         if not getattr(self.tokenizer, "chat_template", None):
-            raise NoChatTemplateError(f"model {self.model_name} has no chat template; use /v1/completions")
+            raise NoChatTemplateError(
+                f"model {self.model_name} has no chat template; use /v1/completions", param="messages"
+            )
         text = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -141,6 +144,10 @@ class Engine(abc.ABC):
 
     @abc.abstractmethod
     async def _unload_adapter(self, adapter: Adapter) -> None: ...
+
+    def lora_gate_stats(self) -> GateStats | None:
+        """The LoRA gate's counts, for an engine that gates LoRA and base requests (vLLM on CPU)."""
+        return None
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release the engine's resources."""

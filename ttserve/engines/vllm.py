@@ -31,7 +31,7 @@ from pathlib import Path
 from ttserve.config import EngineConfig, TrainingConfig
 from ttserve.contract import Adapter, GenerationChunk, PromptScores, SamplingParams, TokenLogprob, Usage
 from ttserve.engines.base import Engine
-from ttserve.engines.lora_gate import LoRAGate
+from ttserve.engines.lora_gate import GateStats, LoRAGate
 from ttserve.files import scratch_directory
 
 
@@ -88,7 +88,7 @@ class VLLMEngine(Engine):
         from vllm.lora.request import LoRARequest
 
         if self.routes_base_through_zero_adapter and self._zero_request is None:
-            from ttserve.training.lora import write_zero_adapter
+            from ttserve.lora import write_zero_adapter
 
             self._zero_dir = scratch_directory(self._scratch_root, prefix="ttserve-zero-adapter")
             write_zero_adapter(self.model_name, self._training, self._zero_dir)
@@ -135,6 +135,9 @@ class VLLMEngine(Engine):
                 yield self._zero_request if through_zero_adapter else None
 
     # --- the model ----------------------------------------------------------------------------------
+    def lora_gate_stats(self) -> GateStats | None:
+        return self.gate.stats if self.routes_base_through_zero_adapter else None
+
     def _sampling_params(self, params: SamplingParams, max_tokens: int, **extra):
         from vllm import SamplingParams as VLLMSamplingParams
 

@@ -9,11 +9,15 @@ The Ray Serve Generator deployment (app.py) and the in-process server (local.py)
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from ttserve.config import Settings, served_model_name
 from ttserve.contract import GenerateRequest, GenerationChunk, NotReadyError, ReplicaStats, Started
 from ttserve.engines import Engine
 from ttserve.pipeline import RequestPipeline, Retrieve
+
+if TYPE_CHECKING:
+    from ttserve.training import TestTimeTrainer
 
 
 class GeneratorReplica:
@@ -70,7 +74,7 @@ class GeneratorReplica:
             await pipeline.engine.close()
 
 
-async def start_engine(settings: Settings, trainer) -> Engine:
+async def start_engine(settings: Settings, trainer: TestTimeTrainer) -> Engine:
     """The configured engine for the trainer's model. Call from the event loop that will serve it."""
     if settings.engine.kind == "transformers":
         from ttserve.engines.transformers import TransformersEngine
