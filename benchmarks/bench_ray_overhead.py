@@ -3,10 +3,11 @@ against the same engine called directly, on the embedded default (transformers e
 
     .venv/bin/python benchmarks/bench_ray_overhead.py --requests 50
 
-Starts local Ray and the Serve app as `ttserve serve` does, sends `--requests` non-streaming budget-0
-completions (max_tokens 32, greedy) with the official openai client, shuts Ray down, then times the same
-requests on a TransformersEngine in this process. Sequential rather than interleaved: both sides need
-the machine's two cores, and the Ray replicas would otherwise compete with the direct engine.
+Starts local Ray and the Serve app as `ttserve serve` does and loads the same model into a
+TransformersEngine in this process, then times non-streaming budget-0 completions (max_tokens 32, greedy)
+both ways: through Ray with the official openai client, and on the local engine directly. The two sides
+run in alternating blocks of 10 (the first request of each block untimed, so that one side's CPU threads
+have gone quiet before the other is timed), so that drift in the machine's speed hits both sides alike.
 """
 
 from __future__ import annotations
@@ -43,52 +44,66 @@ def stats(seconds: list[float]) -> tuple[float, float]:
     return statistics.median(ordered) * 1e3, ordered[int(0.9 * (len(ordered) - 1))] * 1e3
 
 
-def through_ray(requests: int) -> tuple[list[float], list[int]]:
+BLOCK = 10  # requests per block; the first of each is untimed
+
+
+def compare(requests: int) -> dict[str, tuple[list[float], list[int]]]:
+    """Alternating blocks: Ray, direct, direct, Ray, Ray, direct, ... until each side has `requests`."""
     import openai
     import ray
     from ray import serve
 
+    from ttserve.engines import SamplingParams, collect
+    from ttserve.engines.transformers import TransformersEngine
+    from ttserve.lm import load_model
     from ttserve.serving.app import build_app
+    from ttserve.training import TestTimeTrainer
 
+    engine = TransformersEngine(TestTimeTrainer(load_model()).shared)
+    params = SamplingParams(max_tokens=32, temperature=0)
+    loop = asyncio.new_event_loop()
     port = free_port()
     ray.init(include_dashboard=False, object_store_memory=256 * 2**20, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app({}), name="ttserve", route_prefix="/")
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-        times, tokens = [], []
-        for i in range(requests + 3):  # 3 untimed warm-ups
-            started = time.perf_counter()
+
+        def via_ray(prompt: str) -> int:
             response = client.completions.create(
-                model="ttserve-tiny", prompt=PROMPTS[i % len(PROMPTS)], max_tokens=32, temperature=0,
+                model="ttserve-tiny",
+                prompt=prompt,
+                max_tokens=32,
+                temperature=0,
                 extra_body={"compute_budget": 0},
-            )  # fmt: skip
-            if i >= 3:
-                times.append(time.perf_counter() - started)
-                tokens.append(response.usage.completion_tokens)
-        return times, tokens
+            )
+            return response.usage.completion_tokens
+
+        def direct(prompt: str) -> int:
+            return loop.run_until_complete(
+                collect(engine.generate(engine.encode(prompt), params))
+            ).usage.completion_tokens
+
+        sides = {"ray": via_ray, "direct": direct}
+        results: dict[str, tuple[list[float], list[int]]] = {name: ([], []) for name in sides}
+        order = ["ray", "direct", "direct", "ray"]
+        block = 0
+        while min(len(times) for times, _ in results.values()) < requests:
+            name = order[block % len(order)]
+            times, tokens = results[name]
+            for i in range(BLOCK + 1):
+                prompt = PROMPTS[i % len(PROMPTS)]  # every block sends the same prompts
+                started = time.perf_counter()
+                produced = sides[name](prompt)
+                if i > 0 and len(times) < requests:
+                    times.append(time.perf_counter() - started)
+                    tokens.append(produced)
+            block += 1
+        return results
     finally:
         serve.shutdown()
         ray.shutdown()
-
-
-async def direct(requests: int) -> tuple[list[float], list[int]]:
-    from ttserve.engines import SamplingParams, collect
-    from ttserve.engines.transformers import TransformersEngine
-    from ttserve.lm import load_model
-    from ttserve.training import TestTimeTrainer
-
-    engine = TransformersEngine(TestTimeTrainer(load_model()).shared)
-    params = SamplingParams(max_tokens=32, temperature=0)
-    times, tokens = [], []
-    for i in range(requests + 3):
-        ids = engine.encode(PROMPTS[i % len(PROMPTS)])
-        started = time.perf_counter()
-        result = await collect(engine.generate(ids, params))
-        if i >= 3:
-            times.append(time.perf_counter() - started)
-            tokens.append(result.usage.completion_tokens)
-    return times, tokens
+        loop.run_until_complete(engine.close())
 
 
 def main() -> None:
@@ -97,8 +112,8 @@ def main() -> None:
     )
     parser.add_argument("--requests", type=int, default=50)
     args = parser.parse_args()
-    ray_times, ray_tokens = through_ray(args.requests)
-    direct_times, direct_tokens = asyncio.run(direct(args.requests))
+    results = compare(args.requests)
+    (ray_times, ray_tokens), (direct_times, direct_tokens) = results["ray"], results["direct"]
     assert ray_tokens == direct_tokens, "both sides must generate the same number of tokens"
     (ray_p50, ray_p90), (direct_p50, direct_p90) = stats(ray_times), stats(direct_times)
     print(
