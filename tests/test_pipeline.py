@@ -84,20 +84,34 @@ class NamingEngine(Engine):
         pass
 
 
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 @dataclass
 class ScriptedTrainer:
-    """Writes an adapter directory and reports `seconds_per_step` per step; can fail, or hold until released."""
+    """Writes an adapter directory and reports `seconds_per_step` per step; can fail, or hold until released.
+    With a `clock`, each step advances it by one second and a deadline on it stops training, as the real
+    trainer's does between steps."""
 
     base_name: str = "fake-model"
     seconds_per_step: float = 0.01
     fail: Exception | None = None
     hold: threading.Event | None = None
+    clock: Clock | None = None
+    setup_seconds: float = 0.0  # clock time that passes before the first step
     calls: list[list[str]] = field(default_factory=list)
     started: threading.Event = field(default_factory=threading.Event)
 
     def train(self, texts, max_steps, output_dir=None, deadline=None, cancel=None) -> TrainingRun:
         self.calls.append(list(texts))
         self.started.set()
+        if self.clock is not None:
+            self.clock.now += self.setup_seconds
         run = TrainingRun()
         for _ in range(max_steps):
             if self.hold is not None:
@@ -107,9 +121,15 @@ class ScriptedTrainer:
             if cancel is not None and cancel.is_set():
                 run.stopped = "cancelled"
                 break
+            if self.clock is not None and deadline is not None and self.clock() >= deadline:
+                run.stopped = "deadline"
+                break
             if self.fail is not None:
                 raise self.fail
+            if self.clock is not None:
+                self.clock.now += 1.0
             run.steps += 1
+            run.sequences = run.steps
             run.tokens += 10
             run.seconds += self.seconds_per_step
         if output_dir is not None:
@@ -143,14 +163,6 @@ class FakeRetrieval:
         return Retrieval(
             ids, sequences, picked.variances, strategy or "sift", lam or 1.0, 1, 64, {"total_ms": 1.0}
         )
-
-
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass
@@ -353,3 +365,34 @@ def test_echo_scores_the_prompt_with_the_adapter_that_answers(rig):
     request = GenerateRequest(prompt="abc", max_tokens=4, compute_budget=2, mode="always", prompt_logprobs=1)
     started, _ = r.run(r.pipeline.complete(request))
     assert started.prompt_ids == [97, 98, 99] and started.prompt_scores.logprobs == [None, -1.0, -1.0]
+
+
+# --- anytime adapters --------------------------------------------------------------------------------------------
+def test_a_deadline_mid_training_serves_the_adapter_of_the_steps_taken(rig):
+    from ttserve.adapter_cache import AdapterKey
+
+    r = rig()
+    r.trainer.clock = r.clock  # a training step takes one second of the pipeline's clock
+    cut, text = ask(r, compute_budget=6, mode="always", deadline_s=2.5)
+    assert (
+        cut.decision == "trained" and cut.steps == 3 and cut.planned_steps == 6 and cut.stopped == "deadline"
+    )
+    assert "training stopped (deadline) after 3 of 6 steps" in cut.reason and text == r.engine.loads[0]
+    assert cut.adapter_id == AdapterKey.of("fake-model", cut.selected_ids[:3], TrainingConfig(), 3).digest
+    assert cut.uncertainty_after == pytest.approx(r.run(r.retrieval("def parse(path):")).variances[3])
+    # A request whose plan is those 3 steps gets that adapter: it is cached as what it is.
+    three, text_three = ask(r, compute_budget=3, mode="always")
+    assert three.decision == "reused" and three.adapter_id == cut.adapter_id and text_three == text
+    assert three.stopped is None and three.steps == three.planned_steps == 3
+    # The full plan is still trained (and cached) under its own key.
+    full, _ = ask(r, compute_budget=6, mode="always")
+    assert full.decision == "trained" and full.steps == 6 and full.adapter_id != cut.adapter_id
+
+
+def test_a_deadline_before_the_first_step_falls_back(rig):
+    r = rig()
+    r.trainer.clock, r.trainer.setup_seconds = r.clock, 2.0
+    ttt, text = ask(r, compute_budget=6, mode="always", deadline_s=1.5)
+    assert ttt.decision == "fallback" and "stopped (deadline) before its first step" in ttt.reason
+    assert text == "base" and ttt.steps == 0 and ttt.planned_steps == 6
+    assert r.pipeline.stats().adapters_cached == 0 and list(r.pipeline.adapters.directory.iterdir()) == []

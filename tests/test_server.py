@@ -473,3 +473,63 @@ def test_chat_needs_a_chat_template_and_requests_wait_for_the_model(running, mon
     assert loading.value.status_code == 503
     monkeypatch.undo()
     assert chat(running, extra_body={"compute_budget": 0}).choices[0].message.content
+
+
+def test_a_deadline_mid_training_answers_with_the_adapter_of_the_steps_taken(
+    running, loop_thread, monkeypatch, tmp_path
+):
+    """The real trainer and engine: a deadline that falls during training leaves the adapter of the steps
+    taken, which answers; its answer equals that adapter trained alone, and a request planning exactly
+    those steps reuses it. Time is a clock that each training step advances by a second."""
+    from contextlib import contextmanager
+
+    from ttserve.contract import GenerateRequest, SamplingParams, collect
+    from ttserve.pipeline import RequestPipeline
+
+    parts = running.replica.pipeline
+    shared, real_step = parts.trainer.shared, parts.trainer.shared.training_step
+    clock = type("StepClock", (), {"now": 1000.0, "__call__": lambda self: self.now})()
+
+    @contextmanager
+    def one_second_step():
+        with real_step() as model:
+            yield model
+        clock.now += 1.0
+
+    monkeypatch.setattr(shared, "training_step", one_second_step)
+    monkeypatch.setattr(parts.trainer, "clock", clock)
+    pipeline = RequestPipeline(
+        engine=parts.engine, trainer=parts.trainer, training=parts.training_config, adapters=parts.adapters,
+        policy=parts.policy, retrieve=parts.retrieve, limits=parts.limits, clock=clock,
+    )  # fmt: skip
+    prompt = "def checksum(data):\n    total = 0"
+    greedy = SamplingParams(max_tokens=12, temperature=0)
+
+    def ask(budget: int, deadline_s: float | None = None):
+        request = GenerateRequest(
+            prompt=prompt,
+            sampling=greedy,
+            max_tokens=12,
+            compute_budget=budget,
+            mode="always",
+            deadline_s=deadline_s,
+        )
+        started, whole = loop_thread.run(pipeline.complete(request))
+        return started.ttt, whole.text
+
+    try:
+        cut, text = ask(6, deadline_s=2.5)
+        assert cut.decision == "trained" and (cut.steps, cut.planned_steps, cut.stopped) == (3, 6, "deadline")
+        three, text_three = ask(3)
+        assert three.decision == "reused" and three.adapter_id == cut.adapter_id and text_three == text
+        # The same three steps trained alone, outside the pipeline, answer the same.
+        retrieval = loop_thread.run(parts.retrieve(prompt, n=None, strategy=None, lam=None))
+        parts.trainer.train(retrieval.texts[:3], 3, output_dir=tmp_path / "alone")
+        alone = loop_thread.run(parts.engine.add_adapter(tmp_path / "alone"))
+        try:
+            prompt_ids = parts.engine.encode(prompt)
+            assert loop_thread.run(collect(parts.engine.generate(prompt_ids, greedy, alone))).text == text
+        finally:
+            loop_thread.run(parts.engine.remove_adapter(alone))
+    finally:
+        pipeline.close()

@@ -71,6 +71,7 @@ class _Entry:
 class AdapterLease:
     """A request's hold on a cached adapter: it stays loaded until `release()`."""
 
+    key: AdapterKey  # what the adapter was trained on (for a run cut short, not what was asked)
     adapter: Adapter
     info: Any
     cached: bool  # True: trained by an earlier request
@@ -131,9 +132,18 @@ class AdapterCache:
         self.stats.hits += 1
         return self._lease(entry, cached=True)
 
-    async def get_or_train(self, key: AdapterKey, train: Callable[[Path], Awaitable[Any]]) -> AdapterLease:
+    async def get_or_train(
+        self,
+        key: AdapterKey,
+        train: Callable[[Path], Awaitable[Any]],
+        trained_key: Callable[[Any], AdapterKey] | None = None,
+    ) -> AdapterLease:
         """The adapter for `key`: from the cache, from a request already training it, or by `train(dir)`,
-        which must write a PEFT adapter directory at `dir` and return what later hits should see."""
+        which must write a PEFT adapter directory at `dir` and return what later hits should see.
+
+        `trained_key(info)` says what the adapter was really trained on when that is not `key` (training cut
+        short by a deadline): it is cached under that key, so it is only ever reused as what it is.
+        """
         while True:
             lease = self.acquire(key)
             if lease is not None:
@@ -153,7 +163,7 @@ class AdapterCache:
             # Staged: a failed or cancelled training leaves no half-written adapter under a real name.
             with staged_directory(target, create=False) as staging:
                 info = await train(staging)
-            return await self._insert(key, target, info)
+            return await self._insert(trained_key(info) if trained_key else key, target, info)
         finally:
             del self._training[key]
             done.set_result(None)
@@ -162,11 +172,14 @@ class AdapterCache:
         entry.users += 1
         entry.last_used = time.monotonic()
         self._entries.move_to_end(entry.key)
-        return AdapterLease(entry.adapter, entry.info, cached, self, entry)
+        return AdapterLease(entry.key, entry.adapter, entry.info, cached, self, entry)
 
     async def _insert(self, key: AdapterKey, directory: Path, info: Any) -> AdapterLease:
         """Load a freshly trained adapter and hold it for the caller; evict others beyond the bounds."""
         async with self._mutex:
+            if key in self._entries:  # a run cut short landed on an adapter trained before: keep that one
+                shutil.rmtree(directory, ignore_errors=True)
+                return self._lease(self._entries[key], cached=True)
             try:
                 adapter = await self.engine.add_adapter(directory)
             except BaseException:

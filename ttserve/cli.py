@@ -15,7 +15,9 @@ app = typer.Typer(
 )
 index_app = typer.Typer(no_args_is_help=True, help="Build, extend and inspect datastores.")
 app.add_typer(index_app, name="index")
-model_app = typer.Typer(no_args_is_help=True, help="Models ttserve makes offline: build the tiny one, import a GGUF.")
+model_app = typer.Typer(
+    no_args_is_help=True, help="Models ttserve makes offline: build the tiny one, import a GGUF."
+)
 app.add_typer(model_app, name="model")
 
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file (see configs/)")]

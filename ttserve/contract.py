@@ -150,11 +150,17 @@ class TrainingRun:
     """What one request's training did."""
 
     steps: int = 0
+    sequences: int = 0  # how many of the given texts the steps drew from (a long text is several steps)
     tokens: int = 0
     seconds: float = 0.0
     setup_ms: float = 0.0
     losses: list[float] = field(default_factory=list)
     stopped: StopReason = "completed"
+
+    @property
+    def cut_short(self) -> bool:
+        """Stopped by a deadline or a cancellation before the steps it was asked for."""
+        return self.stopped in ("deadline", "cancelled")
 
 
 # --- one request through the pipeline ------------------------------------------------------------------------
@@ -185,6 +191,8 @@ class TTTOutcome:
     decision: Decision = "skipped"
     reason: str = ""  # the policy's plan, and for a fallback what went wrong
     steps: int = 0  # gradient steps taken
+    planned_steps: int = 0  # what the policy planned; more than `steps` when training was cut short
+    stopped: StopReason | None = None  # why training ended before its plan (deadline, cancelled); else None
     training_tokens: int = 0
     training_seconds: float = 0.0  # 0 when an adapter was reused
     selected_ids: list[int] = field(default_factory=list)  # datastore sequence ids, in selection order

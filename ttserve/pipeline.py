@@ -34,6 +34,7 @@ from ttserve.contract import (
     ReplicaStats,
     Started,
     Strategy,
+    TrainingRun,
     TTTOutcome,
     collect,
 )
@@ -187,6 +188,7 @@ class RequestPipeline:
         outcome.predicted_gain_bpb = planned.predicted_gain if self.policy.gain_model else None
         outcome.uncertainty_after = float(retrieval.variances[planned.steps])
         outcome.reason = planned.reason
+        outcome.planned_steps = planned.steps
         if planned.steps == 0:
             return outcome, None
 
@@ -200,9 +202,17 @@ class RequestPipeline:
             if refusal is not None:
                 return _fallback(outcome, f"{planned.reason}; {refusal}"), None
             texts = retrieval.texts[:steps]
+
+            def trained_key(run: TrainingRun) -> AdapterKey:
+                # Cut short after k steps, the adapter is exactly the k-step adapter of the texts it drew from.
+                if not run.cut_short:
+                    return key
+                return AdapterKey.of(base, retrieval.ids[: run.sequences], self.training_config, run.steps)
+
+            base = self.trainer.base_name
             try:
                 lease = await self.adapters.get_or_train(
-                    key, lambda directory: self.training.train(texts, steps, directory, deadline)
+                    key, lambda directory: self.training.train(texts, steps, directory, deadline), trained_key
                 )
             except TrainingStopped as stopped:
                 return _fallback(outcome, f"{planned.reason}; {stopped}"), None
@@ -214,11 +224,20 @@ class RequestPipeline:
         run = lease.info
         outcome.decision = "reused" if lease.cached else "trained"
         outcome.cached = lease.cached
+        outcome.adapter_id = lease.key.digest
         outcome.steps = run.steps
+        outcome.planned_steps = steps
         outcome.training_tokens = run.tokens
         outcome.training_seconds = 0.0 if lease.cached else round(run.seconds, 4)
+        if run.cut_short and run.steps < steps:  # (a reused k-step adapter answers a k-step plan in full)
+            outcome.stopped = run.stopped
+            outcome.uncertainty_after = float(retrieval.variances[run.sequences])
+            outcome.reason = (
+                f"{planned.reason}; training stopped ({run.stopped}) after {run.steps} of {steps} steps: "
+                f"answered with the adapter of those {run.steps} steps"
+            )
         if lease.cached:
-            outcome.reason = f"{planned.reason}; reused the adapter trained for an identical earlier request"
+            outcome.reason = f"{outcome.reason}; reused the adapter trained for an identical earlier request"
         return outcome, lease
 
 

@@ -58,8 +58,9 @@ class Trainer(Protocol):
 
 
 class TrainingStopped(Exception):
-    """Training was admitted but stopped before its planned steps (deadline, cancellation); the reason
-    goes into the answer, which the base model then gives."""
+    """Training was admitted but stopped before its first step (deadline, cancellation); the reason goes
+    into the answer, which the base model then gives. (Stopped after k > 0 steps, the run is returned: its
+    adapter is the k-step adapter.)"""
 
 
 class TrainingThread:
@@ -89,7 +90,8 @@ class TrainingThread:
         return None
 
     async def train(self, texts: Sequence[str], steps: int, directory: Path, deadline: float) -> TrainingRun:
-        """Train `steps` steps on `texts` into `directory`; raises TrainingStopped if it could not finish.
+        """Train up to `steps` steps on `texts` into `directory`. A run cut short after k > 0 steps is
+        returned (`run.cut_short`); one stopped before its first step raises TrainingStopped.
 
         If the caller is cancelled (its client went away), the trainer stops at its next step and this
         waits until it has, so the directory is no longer being written when the caller cleans it up.
@@ -111,8 +113,8 @@ class TrainingThread:
             self.queued_steps -= steps
             if work.done() and not work.cancelled() and work.exception() is None:
                 self._observe(work.result())
-        if run.stopped in ("deadline", "cancelled"):
-            raise TrainingStopped(f"training stopped ({run.stopped}) after {run.steps} of {steps} steps")
+        if run.cut_short and run.steps == 0:
+            raise TrainingStopped(f"training stopped ({run.stopped}) before its first step")
         return run
 
     def _run(

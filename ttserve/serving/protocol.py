@@ -456,6 +456,8 @@ class TTTInfo(_ResponseModel):
     decision: Decision = "skipped"
     trained: bool = False
     steps: int = 0  # gradient steps taken
+    planned_steps: int = 0  # what the policy planned; more than `steps` when training was cut short
+    stopped: str | None = None  # why training ended before its plan: "deadline" or "cancelled"; else null
     budget: int  # the compute budget the request got (after the server's default and cap)
     training_tokens: int = 0
     training_seconds: float = 0.0

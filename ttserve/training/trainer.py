@@ -23,7 +23,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -38,8 +38,14 @@ from ttserve.shared_model import SharedModel
 class TestTimeTrainer:
     __test__ = False  # not a pytest class, despite the name
 
-    def __init__(self, loaded: LoadedModel, config: TrainingConfig | None = None):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        config: TrainingConfig | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.config = config or TrainingConfig()
+        self.clock = clock  # what deadlines are measured on
         self.shared = SharedModel(loaded, self.config)
         self.tokenizer = loaded.tokenizer
         self.base_name = loaded.name
@@ -106,7 +112,9 @@ class TrainingSession:
         self.model = trainer.model
         self.optimizer = optimizer
         self.run = TrainingRun(setup_ms=setup_ms)
-        self._queue: deque[list[int]] = deque()  # token pieces still to train on, in order
+        # Token pieces still to train on, in order, each with the index of the text it came from.
+        self._queue: deque[tuple[int, list[int]]] = deque()
+        self._texts = 0  # texts queued so far in this session
 
     def train(
         self,
@@ -116,7 +124,9 @@ class TrainingSession:
         cancel: threading.Event | None = None,
     ) -> TrainingRun:
         """Queue `texts` (after anything still queued) and take up to `max_steps` steps."""
-        self._queue.extend(self.trainer.chunks(texts))
+        for text in texts:
+            self._queue.extend((self._texts, piece) for piece in self.trainer.chunks([text]))
+            self._texts += 1
         return self.resume(max_steps, deadline=deadline, cancel=cancel)
 
     def resume(
@@ -124,8 +134,9 @@ class TrainingSession:
     ) -> TrainingRun:
         """Take up to `max_steps` more steps from the queue, continuing this session's adapter and optimizer.
 
-        `deadline` is a time.monotonic() value; it and `cancel` are checked between steps, so a step that
-        has started always finishes and the adapter is never half-updated.
+        `deadline` is a value of the trainer's clock (time.monotonic() by default); it and `cancel` are checked
+        between steps, so a step that has started always finishes and the adapter is never half-updated: an
+        adapter stopped after k steps is exactly the adapter of the first k steps.
         """
         if max_steps < 0:
             raise ValueError(f"max_steps must be >= 0, got {max_steps}")
@@ -140,10 +151,10 @@ class TrainingSession:
                 if cancel is not None and cancel.is_set():
                     self.run.stopped = "cancelled"
                     break
-                if deadline is not None and time.monotonic() >= deadline:
+                if deadline is not None and self.trainer.clock() >= deadline:
                     self.run.stopped = "deadline"
                     break
-                piece = self._queue.popleft()
+                text_index, piece = self._queue.popleft()
                 input_ids = torch.tensor([piece], device=self.trainer.device)
                 with self.trainer.shared.training_step() as model:
                     loss = model(input_ids=input_ids, labels=input_ids).loss
@@ -157,6 +168,7 @@ class TrainingSession:
                 self.run.losses.append(float(loss.detach()))
                 self.run.tokens += len(piece)
                 self.run.steps += 1
+                self.run.sequences = text_index + 1
                 taken += 1
             else:
                 self.run.stopped = "completed"
