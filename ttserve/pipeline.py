@@ -12,7 +12,8 @@ yielded so a refused request never starts a stream and changes nothing.
 
 What it promises: a request trains at most its budget; an adapter is reused only for an identical key
 (so one request never sees another's adapter unless both would have trained the same weights); and
-whatever goes wrong in retrieval or training, the base model answers and `reason` says why.
+whatever goes wrong in retrieval or training, the base model answers and `reason` says why; except that
+training cut short by its deadline after k > 0 steps answers with the adapter of those k steps.
 """
 
 from __future__ import annotations
