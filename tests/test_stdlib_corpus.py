@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from ttserve.stdlib_corpus import (
@@ -65,3 +66,30 @@ def test_byte_caps_take_files_in_path_order_while_they_fit(tmp_path):
         _write(tmp_path / name, size)
     assert datastore_files(600, tmp_path) == [tmp_path / "a.py", tmp_path / "c.py"]
     assert pretraining_files(600, tmp_path) == [tmp_path / "p/a.py", tmp_path / "p/c.py"]
+
+
+def test_the_documentation_is_pydoc_without_its_boilerplate():
+    from ttserve.stdlib_corpus import documentation
+
+    pages = dict(documentation())
+    assert {"pathlib", "json", "argparse", "asyncio"} <= set(pages)
+    pathlib = pages["pathlib"]
+    assert "read_text(self, encoding=None, errors=None)" in pathlib and "\nCLASSES\n" in pathlib
+    for text in pages.values():
+        assert "automatically generated from the Python" not in text  # the notice under MODULE REFERENCE
+        assert "\nFILE\n" not in text  # a machine-specific path
+        assert not re.search(r"\|  [^\n]*inherited from [^\n]*:\n", text)  # members repeated in subclasses
+    assert documentation(["getopt", "no_such_module_here"]) == [("getopt", pages["getopt"])]  # stable
+
+
+def test_builtin_corpora_read_by_name():
+    from ttserve.datastore import read_corpus
+    from ttserve.datastore.sources import ReadStats
+    from ttserve.stdlib_corpus import datastore_files, documentation
+
+    stats = ReadStats()
+    docs = list(read_corpus(["stdlib:docs"], stats))
+    assert [d.id for d in docs] == [name for name, _ in documentation()] and stats.documents == len(docs)
+    assert docs[0].source == "stdlib:docs" and docs[0].metadata["module"] == docs[0].id
+    sources = list(read_corpus(["stdlib:sources"]))
+    assert [d.id for d in sources] == [p.name for p in datastore_files()]

@@ -21,6 +21,7 @@ Both selections are deterministic for a given Python version: files are taken in
 from __future__ import annotations
 
 import os
+import re
 import sysconfig
 from pathlib import Path
 
@@ -93,3 +94,44 @@ def pretraining_files(max_bytes: int | None = None, root: Path | None = None) ->
         chosen.append(path)
         total += size
     return chosen
+
+
+# --- the documentation: what a chat model's users ask about ---------------------------------------------------
+# Modules people ask a Python assistant about, rendered by pydoc from this interpreter's own docstrings: the
+# same text on every machine with the same Python version, offline.
+DOCUMENTED_MODULES = (
+    "abc argparse array asyncio base64 bisect calendar collections concurrent.futures configparser "
+    "contextlib copy csv dataclasses datetime decimal difflib doctest enum filecmp fnmatch fractions "
+    "functools getopt glob gzip hashlib heapq html http.client inspect io itertools json locale logging "
+    "math multiprocessing operator os pathlib pickle platform pprint queue random re secrets shlex shutil "
+    "signal socket sqlite3 statistics string struct subprocess sys tarfile tempfile textwrap threading "
+    "time timeit traceback types typing unittest urllib.request uuid warnings weakref "
+    "xml.etree.ElementTree zipfile"
+).split()
+# pydoc's boilerplate, which would otherwise be the most repeated text in the datastore: the notice under
+# MODULE REFERENCE, the FILE section (a machine-specific path), and members listed again under every class
+# that inherits them (`|  Methods inherited from builtins.object:` ... up to the next `|  ----` rule).
+_NOTICE = re.compile(
+    r"\n    \n    The following documentation is automatically generated.*?listed above\.\n", re.S
+)
+_FILE_SECTION = re.compile(r"\nFILE\n    .*?(?=\n\S|\Z)", re.S)
+_INHERITED = re.compile(r"\n( +\|  )[^\n]*inherited from [^\n]*:\n.*?(?=\n\1-{20,}|\n {0,4}\S|\Z)", re.S)
+_REPEATED_RULES = re.compile(r"(\n +\|  -{20,})(?:\n +\|  -{20,})+")
+
+
+def documentation(modules: tuple[str, ...] | list[str] = DOCUMENTED_MODULES) -> list[tuple[str, str]]:
+    """(module name, pydoc's plain-text documentation of it) for each module that imports here."""
+    import importlib
+    import pydoc
+
+    pages = []
+    for name in modules:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:  # a module this Python was built without (sqlite3, say)
+            continue
+        text = pydoc.render_doc(module, renderer=pydoc.plaintext)
+        text = _INHERITED.sub("", _FILE_SECTION.sub("", _NOTICE.sub("\n", text)))
+        text = _REPEATED_RULES.sub(r"\1", text)
+        pages.append((name, text))
+    return pages

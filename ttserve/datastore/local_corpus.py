@@ -10,7 +10,6 @@ from pathlib import Path
 from ttserve.config import Settings
 from ttserve.datastore.build import build_datastore
 from ttserve.datastore.manifest import MANIFEST_FILE, Manifest
-from ttserve.stdlib_corpus import datastore_files
 
 
 def ensure_datastore(settings: Settings, progress: bool = True) -> Manifest:
@@ -18,4 +17,4 @@ def ensure_datastore(settings: Settings, progress: bool = True) -> Manifest:
     path = Path(settings.datastore.path)
     if (path / MANIFEST_FILE).is_file():
         return Manifest.read(path)
-    return build_datastore(datastore_files(), path, settings, progress=progress)
+    return build_datastore(["stdlib:sources"], path, settings, progress=progress)

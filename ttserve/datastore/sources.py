@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# Corpora ttserve makes from this interpreter's standard library, named where a path would go
+# (ttserve/stdlib_corpus.py): pydoc's documentation of the modules people ask about, and the sources of
+# the top-level modules (the tiny model's datastore).
+BUILTIN_CORPORA = ("stdlib:docs", "stdlib:sources")
 # Plain text, markup and source code: the Pile, which the paper retrieves from, is mostly code.
 TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst", ".py")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -45,10 +49,13 @@ class ReadStats:
 def read_corpus(
     paths: Iterable[Path], stats: ReadStats | None = None, skip_invalid_utf8: bool = False
 ) -> Iterator[Document]:
-    """Documents from every path in order: a file by its suffix, a directory by its text files."""
+    """Documents from every path in order: a file by its suffix, a directory by its text files, a name in
+    BUILTIN_CORPORA by what it names."""
     stats = stats if stats is not None else ReadStats()
     for path in map(Path, paths):
-        if path.is_dir():
+        if str(path) in BUILTIN_CORPORA:
+            documents = _read_builtin(str(path), stats)
+        elif path.is_dir():
             documents = _read_text_dir(path, stats, skip_invalid_utf8)
         elif not path.exists():
             raise CorpusError(path, "no such file or directory")
@@ -69,6 +76,16 @@ def read_corpus(
                 yield document
             else:
                 stats.skipped_empty += 1
+
+
+def _read_builtin(name: str, stats: ReadStats) -> Iterator[Document]:
+    from ttserve.stdlib_corpus import datastore_files, documentation, stdlib_root
+
+    if name == "stdlib:sources":
+        yield from _read_text_files(datastore_files(), stdlib_root(), stats, skip_invalid_utf8=False)
+        return
+    for module, text in documentation():
+        yield Document(id=module, text=text, source=name, metadata={"module": module})
 
 
 def _record_to_document(
