@@ -20,9 +20,10 @@ Both selections are deterministic for a given Python version: files are taken in
 
 from __future__ import annotations
 
+import inspect
 import os
-import re
 import sysconfig
+from collections.abc import Sequence
 from pathlib import Path
 
 # --- the datastore half: top-level modules ----------------------------------------------------------------
@@ -97,8 +98,8 @@ def pretraining_files(max_bytes: int | None = None, root: Path | None = None) ->
 
 
 # --- the documentation: what a chat model's users ask about ---------------------------------------------------
-# Modules people ask a Python assistant about, rendered by pydoc from this interpreter's own docstrings: the
-# same text on every machine with the same Python version, offline.
+# Modules people ask a Python assistant about. Their documentation comes from this interpreter's own
+# docstrings and signatures (what pydoc renders): the same text on every machine with the same Python, offline.
 DOCUMENTED_MODULES = (
     "abc argparse array asyncio base64 bisect calendar collections concurrent.futures configparser "
     "contextlib copy csv dataclasses datetime decimal difflib doctest enum filecmp fnmatch fractions "
@@ -108,30 +109,68 @@ DOCUMENTED_MODULES = (
     "time timeit traceback types typing unittest urllib.request uuid warnings weakref "
     "xml.etree.ElementTree zipfile"
 ).split()
-# pydoc's boilerplate, which would otherwise be the most repeated text in the datastore: the notice under
-# MODULE REFERENCE, the FILE section (a machine-specific path), and members listed again under every class
-# that inherits them (`|  Methods inherited from builtins.object:` ... up to the next `|  ----` rule).
-_NOTICE = re.compile(
-    r"\n    \n    The following documentation is automatically generated.*?listed above\.\n", re.S
-)
-_FILE_SECTION = re.compile(r"\nFILE\n    .*?(?=\n\S|\Z)", re.S)
-_INHERITED = re.compile(r"\n( +\|  )[^\n]*inherited from [^\n]*:\n.*?(?=\n\1-{20,}|\n {0,4}\S|\Z)", re.S)
-_REPEATED_RULES = re.compile(r"(\n +\|  -{20,})(?:\n +\|  -{20,})+")
 
 
-def documentation(modules: tuple[str, ...] | list[str] = DOCUMENTED_MODULES) -> list[tuple[str, str]]:
-    """(module name, pydoc's plain-text documentation of it) for each module that imports here."""
+def documentation(modules: Sequence[str] = DOCUMENTED_MODULES) -> list[tuple[str, str]]:
+    """(qualified name, text): each module's docstring, then one section per public class and function.
+
+    Every entry starts with its qualified name and signature (`pathlib.Path.read_text(self, encoding=None,
+    errors=None)`), so a piece of a long class, once the datastore splits it, still says what it documents;
+    pydoc's own page, by contrast, repeats inherited members under every class and loses the class name a
+    few lines in. Public names are the module's `__all__`, else its names not starting with "_" that it
+    defines itself; a module this Python was built without is left out.
+    """
     import importlib
-    import pydoc
 
-    pages = []
+    sections = []
     for name in modules:
         try:
             module = importlib.import_module(name)
-        except ImportError:  # a module this Python was built without (sqlite3, say)
+        except ImportError:
             continue
-        text = pydoc.render_doc(module, renderer=pydoc.plaintext)
-        text = _INHERITED.sub("", _FILE_SECTION.sub("", _NOTICE.sub("\n", text)))
-        text = _REPEATED_RULES.sub(r"\1", text)
-        pages.append((name, text))
-    return pages
+        sections.append((name, f"Module {name}\n\n{_docstring(module)}".rstrip()))
+        exported = getattr(module, "__all__", None)
+        for member in sorted(set(exported or dir(module))):
+            value = getattr(module, member, None)
+            if member.startswith("_") or value is None or inspect.ismodule(value):
+                continue
+            if exported is None and getattr(value, "__module__", None) != name:
+                continue  # imported from elsewhere
+            qualified = f"{name}.{member}"
+            if inspect.isclass(value):
+                sections.append((qualified, _class_section(qualified, value)))
+            elif callable(value):
+                sections.append((qualified, _entry(qualified, value)))
+    return sections
+
+
+def _class_section(qualified: str, cls: type) -> str:
+    parts = [f"class {_entry(qualified, cls)}"]
+    for attribute, value in sorted(vars(cls).items()):  # defined here, not inherited
+        if attribute.startswith("_") and attribute != "__init__":
+            continue
+        if isinstance(value, property):
+            doc = _docstring(value)
+            parts.append(f"{qualified}.{attribute} (property)" + (f"\n    {_indent(doc)}" if doc else ""))
+        elif callable(function := getattr(value, "__func__", value)):
+            parts.append(_entry(f"{qualified}.{attribute}", function))
+    return "\n\n".join(parts)
+
+
+def _entry(qualified: str, value: object) -> str:
+    try:
+        signature = str(inspect.signature(value))
+    except (TypeError, ValueError):  # some builtins have none
+        signature = "(...)"
+    doc = _docstring(value)
+    return f"{qualified}{signature}" + (f"\n    {_indent(doc)}" if doc else "")
+
+
+def _docstring(value: object) -> str:
+    """The object's own docstring, dedented (inspect.getdoc would fall back to its base class's)."""
+    doc = getattr(value, "__doc__", None)
+    return inspect.cleandoc(doc) if isinstance(doc, str) else ""
+
+
+def _indent(text: str) -> str:
+    return text.replace("\n", "\n    ")

@@ -84,8 +84,8 @@ def _read_builtin(name: str, stats: ReadStats) -> Iterator[Document]:
     if name == "stdlib:sources":
         yield from _read_text_files(datastore_files(), stdlib_root(), stats, skip_invalid_utf8=False)
         return
-    for module, text in documentation():
-        yield Document(id=module, text=text, source=name, metadata={"module": module})
+    for qualified_name, text in documentation():  # a module, class or function
+        yield Document(id=qualified_name, text=text, source=name)
 
 
 def _record_to_document(
