@@ -21,11 +21,9 @@ from typing import Literal, get_args
 Strategy = Literal["sift", "knn"]  # how training data is selected (spec §2)
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 Mode = Literal["auto", "always", "off"]  # auto: the calibrated policy decides; always: spend the budget
-MODES: tuple[str, ...] = get_args(Mode)
 # trained: a new adapter answered; reused: an adapter trained for an identical earlier request answered;
 # skipped: the policy chose the base model; fallback: training was wanted but could not happen.
 Decision = Literal["trained", "reused", "skipped", "fallback"]
-DECISIONS: tuple[str, ...] = get_args(Decision)
 StopReason = Literal["completed", "budget", "deadline", "cancelled"]  # why a training run ended
 
 

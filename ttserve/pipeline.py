@@ -193,8 +193,12 @@ class RequestPipeline:
         if planned.steps == 0:
             return outcome, None
 
+        def adapter_key(picks: int, steps: int) -> AdapterKey:
+            """What decides an adapter's weights: the model, the picks trained on, the settings, the steps."""
+            return AdapterKey.of(self.trainer.base_name, retrieval.ids[:picks], self.training_config, steps)
+
         steps = planned.steps
-        key = AdapterKey.of(self.trainer.base_name, retrieval.ids[:steps], self.training_config, steps)
+        key = adapter_key(steps, steps)
         outcome.adapter_id = key.digest
         lease = self.adapters.acquire(key)
         if lease is None:
@@ -206,11 +210,8 @@ class RequestPipeline:
 
             def trained_key(run: TrainingRun) -> AdapterKey:
                 # Cut short after k steps, the adapter is exactly the k-step adapter of the texts it drew from.
-                if not run.cut_short:
-                    return key
-                return AdapterKey.of(base, retrieval.ids[: run.sequences], self.training_config, run.steps)
+                return adapter_key(run.sequences, run.steps) if run.cut_short else key
 
-            base = self.trainer.base_name
             try:
                 lease = await self.adapters.get_or_train(
                     key, lambda directory: self.training.train(texts, steps, directory, deadline), trained_key
@@ -227,7 +228,6 @@ class RequestPipeline:
         outcome.cached = lease.cached
         outcome.adapter_id = lease.key.digest
         outcome.steps = run.steps
-        outcome.planned_steps = steps
         outcome.training_tokens = run.tokens
         outcome.training_seconds = 0.0 if lease.cached else round(run.seconds, 4)
         if run.cut_short and run.steps < steps:  # (a reused k-step adapter answers a k-step plan in full)

