@@ -32,17 +32,13 @@ def bare_request(model, tokenizer, parameters, texts: list[str], config: Trainin
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, eps=config.adam_eps)
     model.train()
     for text in texts:
-        ids = torch.tensor(
-            [
-                [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]][
-                    : config.max_length
-                ]
-            ]
-        )
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
-        optimizer.step()
+        ids = [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]]
+        ids = torch.tensor([ids[: config.max_length]])
+        with torch.autocast("cpu", torch.bfloat16, enabled=bool(config.autocast_bf16)):
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     model.eval()
 
@@ -56,9 +52,15 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--requests", type=int, default=10)
+    parser.add_argument(
+        "--autocast-bf16", action="store_true", help="train under bf16 autocast (training.autocast_bf16)"
+    )
     args = parser.parse_args()
 
-    settings = Settings(model=ModelConfig(name_or_path=args.model, device="cpu"))
+    settings = Settings(
+        model=ModelConfig(name_or_path=args.model, device="cpu"),
+        training=TrainingConfig(autocast_bf16=args.autocast_bf16),
+    )
     ensure_datastore(settings)
     store = Datastore(settings.datastore.path)
     texts = [s.text for s in store.sequences(range(args.steps))]

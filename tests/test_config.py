@@ -60,8 +60,19 @@ def test_missing_config_file(tmp_path):
 
 
 def test_served_model_name():
-    assert served_model_name(Settings()) == "ttserve-tiny"  # the embedded default
+    assert served_model_name(Settings()) == "SmolLM2-135M-Instruct"  # the embedded default
     hub = Settings(model=ModelConfig(name_or_path="org/model"))
     assert served_model_name(hub) == "org/model"
     named = hub.model_copy(update={"server": ServerConfig(served_model_name="alias")})
     assert served_model_name(named) == "alias"
+
+
+def test_the_default_datastore_lives_in_the_cache_one_directory_per_corpus(tmp_path, monkeypatch):
+    monkeypatch.setenv("TTSERVE_CACHE_DIR", str(tmp_path))
+    assert Settings().datastore.path == tmp_path / "datastores" / "stdlib-docs"
+    monkeypatch.setenv("TTSERVE_DATASTORE__CORPUS", "stdlib:sources")
+    assert Settings().datastore.path == tmp_path / "datastores" / "stdlib-sources"
+    monkeypatch.setenv("TTSERVE_DATASTORE__PATH", str(tmp_path / "mine"))
+    assert Settings().datastore.path == tmp_path / "mine"  # an explicit path wins
+    with pytest.raises(ValidationError, match="stdlib:docs"):
+        Settings(datastore={"corpus": "stdlib:everything"})

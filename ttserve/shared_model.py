@@ -45,6 +45,8 @@ class SharedModel:
         self.tokenizer = loaded.tokenizer
         self.device = loaded.device
         self.max_length = loaded.max_length
+        autocast = training.autocast_bf16
+        self.autocast_bf16 = self.device.type == "cuda" if autocast is None else autocast
         for parameter in loaded.model.parameters():
             parameter.requires_grad_(False)
         # Seeded so that the adapter's initial lora_A (PEFT draws it at random) is the same in every process.
@@ -101,7 +103,7 @@ class SharedModel:
     @contextmanager
     def training_step(self) -> Iterator[torch.nn.Module]:
         """The PEFT model in train mode for one forward + backward + optimizer step, locked."""
-        with self.lock:
+        with self.lock, torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast_bf16):
             self.peft.train()
             try:
                 yield self.peft

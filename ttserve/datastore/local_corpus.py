@@ -1,6 +1,7 @@
-"""The embedded default datastore: the top-level modules of the Python standard library.
+"""The embedded default datastore, built on first use from a corpus of this interpreter's standard library.
 
-Which files, and why they never overlap the tiny model's pretraining text, is ttserve/stdlib_corpus.py.
+`datastore.corpus` picks it: `stdlib:docs` (the default model's) or `stdlib:sources` (the tiny model's). What
+each holds, and why the sources never overlap the tiny model's pretraining text, is ttserve/stdlib_corpus.py.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from ttserve.datastore.manifest import MANIFEST_FILE, Manifest
 
 
 def ensure_datastore(settings: Settings, progress: bool = True) -> Manifest:
-    """The configured datastore, built from the standard-library corpus the first time it is missing."""
+    """The configured datastore, built from `datastore.corpus` the first time it is missing."""
     path = Path(settings.datastore.path)
     if (path / MANIFEST_FILE).is_file():
         return Manifest.read(path)
-    return build_datastore(["stdlib:sources"], path, settings, progress=progress)
+    return build_datastore([settings.datastore.corpus], path, settings, progress=progress)

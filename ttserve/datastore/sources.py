@@ -10,12 +10,11 @@ import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
-# Corpora ttserve makes from this interpreter's standard library, named where a path would go
-# (ttserve/stdlib_corpus.py): pydoc's documentation of the modules people ask about, and the sources of
-# the top-level modules (the tiny model's datastore).
-BUILTIN_CORPORA = ("stdlib:docs", "stdlib:sources")
+from ttserve.config import BuiltinCorpus
+
+BUILTIN_CORPORA: tuple[str, ...] = get_args(BuiltinCorpus)  # named where a path would go
 # Plain text, markup and source code: the Pile, which the paper retrieves from, is mostly code.
 TEXT_SUFFIXES = (".txt", ".md", ".markdown", ".rst", ".py")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
