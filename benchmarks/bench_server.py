@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_server.py --json results/bench_server.json       # ~2 min
     .venv/bin/python benchmarks/bench_server.py --repeats 2 --overhead-repeats 5        # smoke run
     .venv/bin/python benchmarks/bench_server.py --engine vllm                           # vLLM engine
+    .venv/bin/python benchmarks/bench_server.py --chat --budgets 0,4,8,16 --overhead-repeats 0  # chat latency
 
 The server is ttserve's in-process stack (`ttserve.serving.local.start_local`: FastAPI app, generator replica,
 SIFT retriever over the default standard-library datastore, the embedded default model on the CPU)
@@ -23,6 +24,10 @@ module, modules in name order), so every request can have a prompt of its own.
    adapter comes from the cache ("adapter reused"). The ttt object's `decision` is counted per row, and
    its `training_seconds`, `steps` and `retrieval_ms` are averaged. One untimed warm-up request per
    budget first (it loads the embedder and builds the optimizer's state the first time).
+
+`--chat` sends `/v1/chat/completions` instead, with questions a user would ask about the standard library
+("In Python, what does json.dumps() do, and how do I call it?"), one per request; budget 0 is then a row of
+its own (no retrieval, no training), and the overhead comparison is skipped (`--overhead-repeats 0`).
 """
 
 from __future__ import annotations
@@ -85,6 +90,25 @@ def code_prompts(count: int, per_module: int = 2, lines: int = 3) -> list[str]:
     raise ValueError(f"only {len(prompts)} prompts found, {count} needed")
 
 
+def chat_prompts(count: int) -> list[str]:
+    """`count` distinct questions about public standard-library functions, at most two per module."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    questions: list[str] = []
+    for path in sorted(root.glob("*.py")):
+        if path.name.startswith("_"):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        names = [n.name for n in tree.body if isinstance(n, ast.FunctionDef) and not n.name.startswith("_")]
+        for name in names[:2]:
+            questions.append(f"In Python, what does {path.stem}.{name}() do, and how do I call it?")
+            if len(questions) == count:
+                return questions
+    raise ValueError(f"only {len(questions)} questions found, {count} needed")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -139,11 +163,23 @@ def stats_ms(seconds: list[float]) -> dict[str, float]:
     }
 
 
+CHAT = False  # --chat: questions through /v1/chat/completions
+
+
 def complete(client, prompt: str, extra_body: dict):
     started = time.perf_counter()
-    response = client.completions.create(
-        model=MODEL_ID, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, extra_body=extra_body
-    )
+    if CHAT:
+        response = client.chat.completions.create(
+            model=MODEL_ID,
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=MAX_TOKENS,
+            temperature=0,
+            extra_body=extra_body,
+        )
+    else:
+        response = client.completions.create(
+            model=MODEL_ID, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, extra_body=extra_body
+        )
     return time.perf_counter() - started, response
 
 
@@ -196,7 +232,7 @@ def training_rows(client, prompts: list[str], budgets: list[int], repeats: int) 
             seconds, response = complete(client, prompt, body)
             runs[f"budget {budget}, new prompt"].append((seconds, response.model_extra["ttt"]))
             print(f"# budget {budget}, new prompt: {seconds:.2f} s", flush=True)
-            if budget == max(budgets):
+            if budget == max(budgets) and budget > 0:
                 seconds, response = complete(client, prompt, body)
                 runs[f"budget {budget}, same prompt again (adapter reused)"].append(
                     (seconds, response.model_extra["ttt"])
@@ -211,8 +247,8 @@ def training_rows(client, prompts: list[str], budgets: list[int], repeats: int) 
                 **stats_ms([seconds for seconds, _ in results]),
                 "decisions": dict(collections.Counter(t["decision"] for t in ttts)),
                 "mean_steps": statistics.mean(t["steps"] for t in ttts),
-                "mean_training_s": statistics.mean(t["training_seconds"] for t in ttts),
-                "mean_retrieval_ms": statistics.mean(t["retrieval_ms"] for t in ttts),
+                "mean_training_s": statistics.mean(t["training_seconds"] or 0.0 for t in ttts),
+                "mean_retrieval_ms": statistics.mean(t["retrieval_ms"] or 0.0 for t in ttts),
                 "mean_training_tokens": statistics.mean(t["training_tokens"] for t in ttts),
             }
         )
@@ -220,10 +256,13 @@ def training_rows(client, prompts: list[str], budgets: list[int], repeats: int) 
 
 
 def report(results: dict, args) -> None:
-    o = results["overhead"]
+    endpoint = "/v1/chat/completions" if CHAT else "/v1/completions"
+    print(f"\n{results['engine']} engine, model {results['model']}, non-streaming {endpoint}, greedy")
+    o = results.get("overhead")
+    if o is None:
+        return training_table(results, args)
     print(
-        f"\n{results['engine']} engine, model {results['model']}, non-streaming /v1/completions, "
-        f"max_tokens {MAX_TOKENS}, greedy; {o['mean_completion_tokens']:.1f} tokens per answer on average"
+        f"max_tokens {MAX_TOKENS}, {o['mean_completion_tokens']:.1f} tokens per answer on average"
     )
     print(f"\nBudget 0, {args.overhead_repeats} requests each side, alternating")
     print("\n| path | median ms | p90 ms |")
@@ -237,6 +276,10 @@ def report(results: dict, args) -> None:
     print(
         f"| server overhead (goal: at most +10%) | {o['overhead_pct']:+.1f}% | {o['overhead_p90_pct']:+.1f}% |"
     )
+    training_table(results, args)
+
+
+def training_table(results: dict, args) -> None:
     print(f"\nWith test-time training (ttt mode always), {args.repeats} requests per row")
     print(
         "\n| request | median ms | p90 ms | decisions | mean steps | mean training_seconds | mean retrieval ms |"
@@ -251,6 +294,7 @@ def report(results: dict, args) -> None:
 
 
 def main() -> None:
+    global CHAT, MAX_TOKENS
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -259,11 +303,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10, help="requests per row with training")
     parser.add_argument("--overhead-repeats", type=int, default=50, help="budget-0 requests per side")
     parser.add_argument("--budgets", default="8,32", help="comma-separated compute budgets to train with")
+    parser.add_argument("--chat", action="store_true", help="questions through /v1/chat/completions")
+    parser.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
     parser.add_argument("--json", metavar="PATH", help="also write all results as JSON")
     args = parser.parse_args()
     budgets = sorted({int(b) for b in args.budgets.split(",")})
-    if args.repeats < 1 or args.overhead_repeats < 1 or min(budgets) < 1:
-        parser.error("--repeats and --overhead-repeats must be >= 1; budgets >= 1")
+    if args.repeats < 1 or args.overhead_repeats < 0 or min(budgets) < 0:
+        parser.error("--repeats must be >= 1; --overhead-repeats and budgets >= 0")
+    CHAT, MAX_TOKENS = args.chat, args.max_tokens
 
     import openai
 
@@ -277,16 +324,16 @@ def main() -> None:
         ),
     )
     ensure_datastore(settings)
-    prompts = code_prompts(4 + len(budgets) * (args.repeats + 1))
+    prompts = (chat_prompts if args.chat else code_prompts)(4 + len(budgets) * (args.repeats + 2))
     server = LoopServer(settings)
     try:
         client = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=600)
-        results = {
-            "engine": args.engine,
-            "model": server.replica.pipeline.trainer.base_name,
-            "overhead": overhead(server, client, prompts[:4], args.overhead_repeats),
-        }
-        print(f"# overhead {results['overhead']['overhead_pct']:+.1f}%", flush=True)
+        results = {"engine": args.engine, "model": server.replica.pipeline.trainer.base_name}
+        if args.overhead_repeats:
+            if args.chat:
+                parser.error("the overhead comparison is for /v1/completions: add --overhead-repeats 0")
+            results["overhead"] = overhead(server, client, prompts[:4], args.overhead_repeats)
+            print(f"# overhead {results['overhead']['overhead_pct']:+.1f}%", flush=True)
         results["training"] = training_rows(client, prompts[4:], budgets, args.repeats)
         client.close()
     finally:

@@ -76,3 +76,10 @@ def test_the_default_datastore_lives_in_the_cache_one_directory_per_corpus(tmp_p
     assert Settings().datastore.path == tmp_path / "mine"  # an explicit path wins
     with pytest.raises(ValidationError, match="stdlib:docs"):
         Settings(datastore={"corpus": "stdlib:everything"})
+
+
+def test_the_tiny_config_serves_the_tiny_model_on_its_own_datastore(tmp_path, monkeypatch):
+    monkeypatch.setenv("TTSERVE_CACHE_DIR", str(tmp_path))
+    settings = load_settings(CONFIGS / "tiny.yaml")
+    assert settings.model.name_or_path == "ttserve-tiny" == served_model_name(settings)
+    assert settings.datastore.path == tmp_path / "datastores" / "stdlib-sources"

@@ -198,6 +198,22 @@ def test_results_round_trip_and_calibrate(tmp_path):
     assert loaded.summary()["correlation"]["spearman"] > 0.9
 
 
+def test_calibrating_on_runs_with_trajectories_fits_the_step_plan_too():
+    report = synthetic_report()
+    assert fit_gain_model([report], keep=0.95).gain_fraction is None  # no trajectories: threshold only
+    for d in report.documents:
+        reductions = {c.budget: c.reduction for c in d.runs["sift"]}
+        # σ_n² falling linearly to the recorded reductions at 8 and 16 picks
+        d.variances["sift"] = list(
+            1.0 - np.interp(np.arange(17), [0, 8, 16], [0.0, reductions[8], reductions[16]])
+        )
+    model = fit_gain_model([report], keep=0.95)
+    assert model.gain_fraction is not None and model.min_gain_bpb is not None
+    assert len(report.calibration_prompts()) == len(report.documents)
+    loaded_back = EvalReport(config=report.config, documents=report.documents)
+    assert loaded_back.summary()["per_document"]["win_rate_vs_base"]["sift"]["16"] == 1.0
+
+
 def test_fit_gain_model_pools_reports_and_keeps_the_asked_share():
     report = synthetic_report()
     model = fit_gain_model([report], keep=0.95)

@@ -5,8 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ttserve.config import PolicyConfig
-from ttserve.policy import DEFAULT_CALIBRATION, GainModel, default_gain_model, plan
+from ttserve.config import DEFAULT_MODEL, PolicyConfig
+from ttserve.policy import (
+    CALIBRATIONS,
+    DEFAULT_CALIBRATION,
+    CalibrationPrompt,
+    GainModel,
+    default_gain_model,
+    fit_policy,
+    plan,
+)
 from ttserve.selection import Selection, sift
 
 
@@ -98,10 +106,13 @@ def test_gain_model_fit_recovers_a_power_law(tmp_path):
         GainModel.fit(np.array([0.1]), np.array([0.2]))
 
 
-def test_shipped_calibration_is_for_the_default_model_only():
+def test_every_embedded_model_ships_a_calibration_and_no_other_model_gets_one():
     assert default_gain_model("some/other-model") is None
-    if DEFAULT_CALIBRATION.is_file():
-        assert isinstance(default_gain_model(None), GainModel)
+    assert DEFAULT_CALIBRATION == CALIBRATIONS[DEFAULT_MODEL]
+    for name, path in CALIBRATIONS.items():
+        model = default_gain_model(name)
+        assert isinstance(model, GainModel) and model.slope > 0, path
+    assert default_gain_model(None) == default_gain_model(DEFAULT_MODEL)
 
 
 def test_threshold_keeps_the_requested_share_of_the_gain():
@@ -127,3 +138,64 @@ def test_policy_uses_the_calibrated_threshold_unless_configured():
         plan(DIMINISHING, 8, PolicyConfig(min_gain_bpb=0.1), model).steps == 8
     )  # gain_fraction 1.0: the budget
     assert plan(DIMINISHING, 8, PolicyConfig(), GainModel(slope=0.5)).steps == 8
+
+
+def test_fit_recovers_a_gain_that_grows_with_steps_as_well_as_reduction():
+    rng = np.random.default_rng(2)
+    steps = rng.choice([4, 8, 16], 200).astype(float)
+    reductions = rng.uniform(0.05, 0.8, 200)
+    gains = 0.2 * reductions**0.5 * steps**0.4 * np.exp(rng.normal(0, 0.05, 200))
+    model = GainModel.fit(reductions, gains, steps)
+    assert model.slope == pytest.approx(0.2, rel=0.1)
+    assert (model.power, model.steps_power) == (pytest.approx(0.5, abs=0.03), pytest.approx(0.4, abs=0.03))
+    assert model.r2 > 0.9
+    # One step count cannot say anything about steps: the steps term is left out, not made up.
+    assert GainModel.fit(reductions, gains, np.full(200, 8.0)).steps_power == 0.0
+
+
+def test_auto_plans_an_intermediate_step_count_when_the_predicted_gain_flattens():
+    # σ² saturates after a few picks and the steps term grows slowly: the plan stops in between.
+    model = GainModel(slope=0.5, power=1.0, steps_power=0.2, gain_fraction=0.85)
+    result = plan(DIMINISHING, 8, PolicyConfig(), model)
+    curve = model.curve(DIMINISHING.variances, 8)
+    assert 1 < result.steps < 8
+    assert curve[result.steps - 1] >= 0.85 * curve[-1] > curve[result.steps - 2]
+    assert result.predicted_gain == pytest.approx(curve[result.steps - 1])
+    # A prompt whose uncertainty keeps falling gets more of the budget than one that flattens early.
+    steady = trajectory(np.linspace(1.0, 0.2, 9))
+    assert plan(steady, 8, PolicyConfig(), model).steps > result.steps
+    # The request's config overrides the calibrated fraction.
+    assert plan(DIMINISHING, 8, PolicyConfig(gain_fraction=1.0), model).steps == 8
+
+
+def calibration_prompts(rng, n=40):
+    """Prompts whose realised gain saturates with steps, in proportion to how much SIFT reduced."""
+    prompts = []
+    for _ in range(n):
+        scale = rng.uniform(0.0, 1.0)
+        variances = 1.0 - scale * (1 - np.exp(-np.arange(17) / 3.0))
+        steps = np.array([4, 8, 16])
+        gains = 0.3 * scale * (1 - np.exp(-steps / 2.0)) + rng.normal(0, 0.005, 3)
+        prompts.append(CalibrationPrompt(variances, steps, gains, weight=float(rng.integers(100, 1000))))
+    return prompts
+
+
+def test_fit_policy_finds_the_cheapest_policy_that_keeps_the_gain():
+    prompts = calibration_prompts(np.random.default_rng(3))
+    model = GainModel(slope=0.3, power=1.0, steps_power=0.0)
+    fitted = fit_policy(model, prompts, budget=16, keep=0.9)
+    assert 0 < fitted.gain_fraction < 1 and fitted.min_gain_bpb > 0
+
+    def replay(gain_model):
+        steps, gain = 0, 0.0
+        for p in prompts:
+            chosen = plan(Selection(np.arange(16), p.variances, 1.0, "sift"), 16, PolicyConfig(), gain_model)
+            steps += chosen.steps
+            gain += p.weight * p.realised(chosen.steps)
+        return steps, gain
+
+    full_gain = sum(p.weight * p.realised(16) for p in prompts)
+    steps, gain = replay(fitted)
+    assert gain >= 0.9 * full_gain and steps < 0.6 * 16 * len(prompts)
+    # Asking to keep more costs more steps, never fewer.
+    assert replay(fit_policy(model, prompts, budget=16, keep=0.99))[0] >= steps

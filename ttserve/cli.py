@@ -186,8 +186,8 @@ def run(
 ) -> None:
     """Show what SIFT selects for prompts on the configured datastore (no model; `serve` is the main job).
 
-    The first run builds the default datastore from the Python standard library's sources (offline, about
-    a minute on 2 cores). Prompts come from --prompt or, one per line, from standard input.
+    The first run builds the default datastore from the Python standard library's documentation (offline,
+    about two minutes on 2 cores). Prompts come from --prompt or, one per line, from standard input.
     """
     _quiet_libraries()
     from ttserve.datastore.local_corpus import ensure_datastore
@@ -214,9 +214,10 @@ def serve(
 ) -> None:
     """The main job: the OpenAI-compatible server on a local Ray cluster, until Ctrl-C.
 
-    On the embedded default it first builds what is missing (the small model and the stdlib datastore,
-    offline, a few minutes on 2 cores, with progress bars), then starts Ray, the Serve app (ingress,
-    retriever, generator) and prints the URL.
+    On the embedded default it first makes what is missing, offline and with progress bars: the model
+    imported from its packaged GGUF and the datastore built from the standard library's documentation
+    (a few minutes on 2 cores, once). Then it starts Ray, the Serve app (ingress, retriever, generator) and
+    prints the URL.
     """
     _quiet_libraries()
     from ttserve.datastore.local_corpus import ensure_datastore
@@ -241,7 +242,7 @@ def serve(
         typer.echo(
             f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' -d "
             f'\'{{"model": "{model}", "messages": '
-            f'[{{"role": "user", "content": "def read_lines(path):"}}], "compute_budget": 8}}\''
+            f'[{{"role": "user", "content": "What does itertools.accumulate do?"}}], "compute_budget": 8}}\''
         )
 
     serve_on_local_ray(config, host, port, on_ready=ready, on_stop=lambda: typer.echo("shutting down"))
@@ -398,10 +399,11 @@ def calibrate(
     # 0.95 rather than 0.9: a threshold fitted to keep 90% of the calibration runs' gain kept less than
     # that on held-out documents, so the default leaves a margin (BENCHMARKS.md, "Adaptive policy").
     keep: Annotated[
-        float, typer.Option(help="share of the realised gain the skip threshold must keep")
+        float, typer.Option(help="share of the realised gain the fitted policy must keep")
     ] = 0.95,
 ) -> None:
-    """Fit the gain model (predicted BPB gain from SIFT's uncertainty reduction) to evaluation runs."""
+    """Fit the gain model (predicted BPB gain from SIFT's uncertainty reduction and steps) and the policy's
+    skip threshold and gain fraction to evaluation runs."""
     from ttserve.evaluation import fit_gain_model, load_report
 
     try:
@@ -410,8 +412,9 @@ def calibrate(
         raise _fail(str(error)) from None
     model.save(out)
     typer.echo(
-        f"gain = {model.slope:.4g} * reduction^{model.power:.3f}  (r2 in log space {model.r2:.3f}, {model.points} points);"
-        f" skip below {model.min_gain_bpb} bpb predicted -> {out}"
+        f"gain = {model.slope:.4g} * reduction^{model.power:.3f} * steps^{model.steps_power:.3f}"
+        f"  (r2 in log space {model.r2:.3f}, {model.points} points); skip below {model.min_gain_bpb} bpb"
+        f" predicted, else the fewest steps reaching {model.gain_fraction} of the gain -> {out}"
     )
 
 

@@ -129,7 +129,8 @@ class TrainingConfig(_Section):
     # None: a per-architecture default (attention and MLP projections), see ttserve/lora.py.
     target_modules: list[str] | None = None
     # Forward and backward of a training step under bf16 autocast (weights and optimizer state stay fp32).
-    # None: on CUDA, off on CPU, where it was measured slower than fp32 (BENCHMARKS.md, "Training precision").
+    # None: where bf16 runs in hardware (CUDA; CPUs with AVX512-BF16 or AMX): there it was measured faster
+    # with the same gain (BENCHMARKS.md, "Training precision"); elsewhere it is emulated and slower.
     autocast_bf16: bool | None = None
     seed: int = 0
 
@@ -143,11 +144,9 @@ class PolicyConfig(_Section):
     # Train only when the predicted gain at the budget reaches this. None: the threshold fitted with the gain
     # model (`ttserve calibrate`), which keeps 95% of the calibration runs' gain.
     min_gain_bpb: float | None = Field(None, ge=0)
-    # auto takes the fewest steps whose predicted gain reaches this fraction of the gain at the budget. 1.0:
-    # the whole budget when training at all. On the default model the realised gain keeps growing with
-    # every step while SIFT's uncertainty, and with it the predicted gain, saturates within a few picks, so
-    # cutting steps short loses most of the gain (BENCHMARKS.md, "Adaptive policy").
-    gain_fraction: float = Field(1.0, gt=0, le=1)
+    # auto takes the fewest steps whose predicted gain reaches this fraction of the gain at the budget. None:
+    # the fraction fitted with the gain model (`ttserve calibrate`), else 1.0 (the whole budget).
+    gain_fraction: float | None = Field(None, gt=0, le=1)
     calibration: Path | None = Field(None, description="gain-model JSON from `ttserve calibrate`")
 
 

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from ttserve.config import PolicyConfig
 from ttserve.contract import STRATEGIES, Strategy
 from ttserve.datastore import Datastore, Document
-from ttserve.policy import GainModel, plan
+from ttserve.policy import CalibrationPrompt, GainModel, fit_policy, plan
 from ttserve.retrieval import Retriever
 from ttserve.scoring import TextScore, bits_per_byte, score_text
 from ttserve.training import TestTimeTrainer
@@ -61,6 +61,8 @@ class DocumentResult:
     adaptive_reason: str = ""
     near_duplicates: dict[str, int] = field(default_factory=dict)  # picks that are near-copies of the text
     picks: dict[str, list[int]] = field(default_factory=dict)  # datastore sequence ids, in selection order
+    # σ_0², σ_1², ... of those picks: what the policy plans from (`ttserve calibrate` replays it)
+    variances: dict[str, list[float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -102,27 +104,82 @@ class EvalReport:
                 "compute_saved": 1 - adaptive_steps / full_steps if full_steps else float("nan"),
                 "trained_documents": sum(1 for d in self.documents if d.adaptive and d.adaptive.steps),
             }
-        reductions, gains = self.calibration_points()
+        summary["per_document"] = self.per_document()
+        reductions, gains, _ = self.calibration_points()
         if len(reductions) > 2:
             summary["correlation"] = {
                 "pearson": float(np.corrcoef(reductions, gains)[0, 1]),
                 "spearman": float(_spearman(reductions, gains)),
                 "points": len(reductions),
             }
+        reductions, gains, _ = self.prompt_points()
+        if len(reductions) > 2:
+            # Across prompts at one budget: does SIFT's uncertainty say which prompts training helps?
+            summary["correlation"]["spearman_prompts"] = float(_spearman(reductions, gains))
         return summary
+
+    def per_document(self) -> dict:
+        """How often training won, document by document: each strategy and step count against the base
+        model, SIFT against kNN at equal steps, and the documents where SIFT at the most steps hurt."""
+        steps, documents = self.config["steps"], self.documents
+
+        def bpb(d: DocumentResult, strategy: str, n: int) -> float:
+            return bits_per_byte(_at(d.runs[strategy], n).loglik, d.bytes)
+
+        def share(wins: list[bool]) -> float:
+            return sum(wins) / len(wins) if wins else float("nan")
+
+        table: dict = {"win_rate_vs_base": {}}
+        for strategy in self.config["strategies"]:
+            table["win_rate_vs_base"][strategy] = {
+                str(n): share([bpb(d, strategy, n) < bits_per_byte(d.base_loglik, d.bytes) for d in documents])
+                for n in steps
+            }
+        if {"knn", "sift"} <= set(self.config["strategies"]):
+            table["sift_win_rate_vs_knn"] = {
+                str(n): share([bpb(d, "sift", n) < bpb(d, "knn", n) for d in documents]) for n in steps
+            }
+        if "sift" in self.config["strategies"]:
+            hurt = [
+                (d.id, bits_per_byte(d.base_loglik, d.bytes), bpb(d, "sift", steps[-1]))
+                for d in documents
+                if bpb(d, "sift", steps[-1]) > bits_per_byte(d.base_loglik, d.bytes)
+            ]
+            table["sift_hurt"] = [
+                {"id": i, "base_bpb": round(b, 4), "sift_bpb": round(a, 4)}
+                for i, b, a in sorted(hurt, key=lambda row: row[1] - row[2])
+            ]
+        return table
 
     def calibration_points(
         self, strategies: Sequence[Strategy] = STRATEGIES
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(uncertainty reduction, realised BPB gain) for every document, strategy and checkpoint."""
-        reductions, gains = [], []
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(uncertainty reduction, realised BPB gain, steps) for every document, strategy and checkpoint."""
+        reductions, gains, steps = [], [], []
         for d in self.documents:
             base_bpb = bits_per_byte(d.base_loglik, d.bytes)
             for strategy in strategies:
                 for c in d.runs.get(strategy, []):
                     reductions.append(c.reduction)
                     gains.append(base_bpb - bits_per_byte(c.loglik, d.bytes))
-        return np.asarray(reductions), np.asarray(gains)
+                    steps.append(c.steps)
+        return np.asarray(reductions), np.asarray(gains), np.asarray(steps)
+
+    def calibration_prompts(self) -> list[CalibrationPrompt]:
+        """Every document's SIFT trajectory with its realised gains, for `fit_policy` (needs `variances`)."""
+        prompts = []
+        for d in self.documents:
+            if "sift" in d.runs and d.variances.get("sift"):
+                checkpoints = sorted(d.runs["sift"], key=lambda c: c.budget)
+                prompts.append(
+                    CalibrationPrompt(
+                        variances=np.asarray(d.variances["sift"], dtype=float),
+                        steps=np.array([c.budget for c in checkpoints]),
+                        gains=np.array([bits_per_byte(d.base_loglik - c.loglik, d.bytes) for c in checkpoints]),
+                        weight=float(d.bytes),
+                    )
+                )
+        return prompts
 
     def prompt_points(self, strategy: Strategy = "sift") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(reduction, realised BPB gain, bytes) per document at the largest step count."""
@@ -245,6 +302,7 @@ def evaluate(
             result.runs[strategy] = [scores[n] for n in steps]
             result.near_duplicates[strategy] = sum(_near_copy(t, document.text) for t in retrieval.texts)
             result.picks[strategy] = retrieval.ids
+            result.variances[strategy] = [float(v) for v in retrieval.variances]
             if chosen is not None:
                 result.adaptive = scores[chosen.steps] if chosen.steps else Checkpoint(0, 0, base.loglik, 0.0)
         results.append(result)
@@ -258,6 +316,10 @@ def evaluate(
         "gain_model": asdict(gain_model) if gain_model else None,
         "learning_rate": trainer.config.learning_rate,
         "lora_rank": trainer.config.lora_rank,
+        "lora_alpha": trainer.config.lora_alpha,
+        "target_modules": trainer.config.target_modules,
+        "max_length": trainer.max_length,
+        "autocast_bf16": trainer.shared.autocast_bf16,
         "model": trainer.base_name,
         "datastore": str(retriever.datastore.path),
     }
@@ -296,21 +358,25 @@ def sample_documents(datastore: Datastore, n: int, seed: int) -> list[Document]:
 
 
 def fit_gain_model(reports: Sequence[EvalReport], keep: float) -> GainModel:
-    """The gain model and its skip threshold, fitted to evaluation runs (`ttserve calibrate`).
+    """The gain model with its skip threshold and gain fraction, fitted to evaluation runs (`ttserve calibrate`).
 
-    The curve gain = a · reduction^b is fitted to every (uncertainty reduction, realised BPB gain)
-    checkpoint of every report. The threshold is then the largest predicted gain below which prompts can
-    skip training while the rest still keep `keep` of the realised gain (per prompt, at each report's
-    largest step count, weighted by bytes). The model and corpora the runs used are recorded with it.
+    The curve gain = a · reduction^b · steps^c is fitted to every (uncertainty reduction, steps, realised
+    BPB gain) checkpoint of every report. Then `fit_policy` replays the policy on each report's SIFT
+    trajectories at its largest step count and keeps the cheapest (threshold, fraction) that retains
+    `keep` of the realised gain, bytes-weighted. Reports without trajectories (written before they were
+    recorded) fit the threshold alone. The model and corpora the runs used are recorded with it.
     """
     if not reports:
         raise ValueError("no evaluation reports to fit the gain model to")
     points = [report.calibration_points() for report in reports]
-    reductions, gains = np.concatenate([p[0] for p in points]), np.concatenate([p[1] for p in points])
+    reductions, gains, steps = (np.concatenate([p[i] for p in points]) for i in range(3))
     corpora = ", ".join(sorted({report.config.get("datastore", "") for report in reports}))
-    model = GainModel.fit(reductions, gains, model=reports[0].config.get("model", ""), corpus=corpora)
-    prompts = [report.prompt_points() for report in reports]
-    return model.with_threshold(*(np.concatenate([p[i] for p in prompts]) for i in range(3)), keep=keep)
+    model = GainModel.fit(reductions, gains, steps, model=reports[0].config.get("model", ""), corpus=corpora)
+    prompts = [prompt for report in reports for prompt in report.calibration_prompts()]
+    if prompts and len(prompts) == sum(sum("sift" in d.runs for d in r.documents) for r in reports):
+        return fit_policy(model, prompts, budget=max(max(r.config["steps"]) for r in reports), keep=keep)
+    rows = [report.prompt_points() for report in reports]
+    return model.with_threshold(*(np.concatenate([p[i] for p in rows]) for i in range(3)), keep=keep)
 
 
 def exact_copies(datastore: Datastore) -> dict[str, set[int]]:

@@ -29,6 +29,21 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matrix products run in hardware here: any CUDA device, or a CPU with AVX512-BF16 or AMX
+    (read from /proc/cpuinfo, so False off Linux). Where they do not, bf16 autocast is emulated and slower."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line.split(":", 1)[1].split() for line in cpuinfo if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
+
+
 def load_model(config: ModelConfig | None = None) -> LoadedModel:
     """The configured model (an embedded model is built or imported the first time, see ttserve/models/)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -21,48 +21,74 @@ from pathlib import Path
 
 import numpy as np
 
-from ttserve.config import DEFAULT_MODEL, TINY_MODEL, PolicyConfig
+from ttserve.config import DEFAULT_MODEL, PACKAGED_MODEL, TINY_MODEL, PolicyConfig
 from ttserve.contract import Mode
 from ttserve.selection import Selection
 
 
 @dataclass(frozen=True)
 class GainModel:
-    """Predicted BPB gain = slope · r^power for uncertainty reduction r = σ_0² − σ_n² (0 at r = 0).
+    """Predicted BPB gain = slope · r^power · n^steps_power after n steps, where r = σ_0² − σ_n² is the
+    uncertainty reduction of the first n picks (0 at r = 0).
 
     A power law through the origin: no reduction predicts no gain, and the fit can bend either way
-    (diminishing returns for power < 1). Fitted by least squares in log space on runs with positive gain.
+    (diminishing returns for power < 1). The steps factor carries what r cannot: SIFT's σ_n² saturates
+    within a few picks, while a real model keeps learning from further steps on the same picks' neighbours.
+    Fitted by least squares in log space on checkpoints with positive gain; steps_power is 0 when the
+    calibration runs have a single step count (or were fitted before it existed).
     """
 
     slope: float
     power: float = 1.0
-    # Skip training below this predicted gain at the budget. Fitted with the curve (`with_threshold`): on this
-    # model realised gains keep growing with steps, so compute is saved by skipping the prompts SIFT
-    # predicts little for, not by cutting every prompt's steps short.
+    steps_power: float = 0.0
+    # Skip training below this predicted gain at the budget, and otherwise take the fewest steps whose
+    # predicted gain reaches `gain_fraction` of the gain at the budget. Both are fitted together
+    # (`fit_policy`, `ttserve calibrate`): the cheapest pair that keeps a share of the calibration runs'
+    # realised gain.
     min_gain_bpb: float | None = None
+    gain_fraction: float | None = None
     model: str = ""  # the served model the calibration was measured on
     corpus: str = ""
     points: int = 0
     r2: float = float("nan")
 
-    def predict(self, reduction: float | np.ndarray) -> float | np.ndarray:
-        return self.slope * np.power(np.maximum(reduction, 0.0), self.power)
+    def predict(self, reduction: float | np.ndarray, steps: float | np.ndarray = 1) -> float | np.ndarray:
+        gain = self.slope * np.power(np.maximum(reduction, 0.0), self.power)
+        return gain * np.power(np.maximum(steps, 1), self.steps_power) if self.steps_power else gain
+
+    def curve(self, variances: np.ndarray, most: int) -> np.ndarray:
+        """Predicted gain after 1..most steps on picks with posterior variances σ_0², σ_1², ... ."""
+        steps = np.arange(1, most + 1)
+        return np.asarray(self.predict(variances[0] - variances[steps], steps), dtype=float)
 
     @classmethod
-    def fit(cls, reductions: np.ndarray, gains: np.ndarray, model: str = "", corpus: str = "") -> GainModel:
+    def fit(
+        cls,
+        reductions: np.ndarray,
+        gains: np.ndarray,
+        steps: np.ndarray | None = None,
+        model: str = "",
+        corpus: str = "",
+    ) -> GainModel:
         reductions, gains = np.asarray(reductions, dtype=float), np.asarray(gains, dtype=float)
-        usable = (reductions > 0) & (gains > 0)
+        steps = np.ones_like(reductions) if steps is None else np.asarray(steps, dtype=float)
+        usable = (reductions > 0) & (gains > 0) & (steps > 0)
         if usable.sum() < 2:
             raise ValueError(
                 f"need at least two runs with positive gain and reduction to fit, got {int(usable.sum())}"
             )
-        x, y = np.log(reductions[usable]), np.log(gains[usable])
-        power, intercept = np.polyfit(x, y, 1)
-        residual = y - (power * x + intercept)
+        y = np.log(gains[usable])
+        columns = [np.ones(int(usable.sum())), np.log(reductions[usable])]
+        if np.ptp(steps[usable]) > 0:  # one step count says nothing about steps
+            columns.append(np.log(steps[usable]))
+        x = np.stack(columns, axis=1)
+        coefficients = np.linalg.lstsq(x, y, rcond=None)[0]
+        residual = y - x @ coefficients
         r2 = 1.0 - float(residual @ residual) / float(((y - y.mean()) ** 2).sum() or 1.0)
         return cls(
-            slope=float(np.exp(intercept)),
-            power=float(power),
+            slope=float(np.exp(coefficients[0])),
+            power=float(coefficients[1]),
+            steps_power=float(coefficients[2]) if len(coefficients) > 2 else 0.0,
             model=model,
             corpus=corpus,
             points=int(usable.sum()),
@@ -75,6 +101,7 @@ class GainModel:
         """The largest threshold on predicted gain that still keeps `keep` of the realised gain.
 
         reductions/gains/weights: one entry per calibration prompt at the full budget (weights: bytes).
+        Used when the calibration runs carry no selection trajectories (`fit_policy` needs them).
         """
         predicted = self.predict(np.asarray(reductions, dtype=float))
         realised = np.asarray(gains, dtype=float) * np.asarray(weights, dtype=float)
@@ -93,9 +120,68 @@ class GainModel:
         return cls(**json.loads(Path(path).read_text()))
 
 
-# Calibrations shipped for the models ttserve makes itself (fitted with `ttserve calibrate`, BENCHMARKS.md).
-CALIBRATIONS = {TINY_MODEL: Path(__file__).parent / "calibration" / "tiny-stdlib.json"}
-DEFAULT_CALIBRATION = CALIBRATIONS[TINY_MODEL]
+@dataclass(frozen=True)
+class CalibrationPrompt:
+    """One calibration prompt for `fit_policy`: SIFT's trajectory and the gain realised at checkpoints."""
+
+    variances: np.ndarray  # σ_0², σ_1², ... of its picks in order
+    steps: np.ndarray  # checkpoint step counts, increasing
+    gains: np.ndarray  # realised BPB gain at each checkpoint
+    weight: float  # bytes
+
+    def realised(self, n: int) -> float:
+        """Realised gain after n steps, linear between checkpoints (0 at 0 steps)."""
+        return float(np.interp(n, [0, *self.steps], [0.0, *self.gains]))
+
+
+GAIN_FRACTIONS = np.round(np.arange(0.2, 1.0001, 0.05), 2)
+
+
+def fit_policy(
+    model: GainModel, prompts: list[CalibrationPrompt], budget: int, keep: float = 0.9
+) -> GainModel:
+    """The skip threshold and gain fraction that spend the fewest steps while keeping `keep` of the gain.
+
+    Every pair (threshold, fraction) is replayed through `plan` on the calibration prompts at `budget`;
+    the realised gain of a planned step count comes from the prompt's checkpoints. Of the pairs that keep
+    `keep` of the gain of training every prompt for the whole budget, the one with the fewest steps wins
+    (ties: more gain).
+    """
+    if not prompts:
+        raise ValueError("no calibration prompts")
+    weights = np.array([p.weight for p in prompts])
+    full = float(sum(p.weight * p.realised(min(budget, len(p.variances) - 1)) for p in prompts))
+    curves = [model.curve(p.variances, min(budget, len(p.variances) - 1)) for p in prompts]
+    thresholds = np.unique([0.0, *(c[-1] for c in curves if len(c))])
+    best: tuple[float, float, float, float] | None = None  # (steps, -gain, threshold, fraction)
+    for fraction in GAIN_FRACTIONS:
+        planned = np.array([_fewest_steps(c, fraction) for c in curves])
+        realised = np.array([p.realised(n) for p, n in zip(prompts, planned, strict=True)])
+        at_budget = np.array([c[-1] if len(c) else 0.0 for c in curves])
+        for threshold in thresholds:
+            trained = at_budget >= threshold
+            gain = float((weights * realised)[trained].sum())
+            if full > 0 and gain >= keep * full:
+                candidate = (float(planned[trained].sum()), -gain, float(threshold), float(fraction))
+                best = candidate if best is None or candidate < best else best
+    if best is None:  # nothing keeps enough (no gain at all): train everything for the budget
+        return replace(model, min_gain_bpb=0.0, gain_fraction=1.0)
+    return replace(model, min_gain_bpb=best[2], gain_fraction=best[3])
+
+
+def _fewest_steps(curve: np.ndarray, fraction: float) -> int:
+    if len(curve) == 0:
+        return 0
+    return int(np.argmax(curve >= fraction * curve[-1])) + 1
+
+
+# Calibrations shipped for the embedded models, each on its default datastore (`ttserve calibrate`,
+# BENCHMARKS.md "Adaptive policy").
+CALIBRATIONS = {
+    PACKAGED_MODEL: Path(__file__).parent / "calibration" / "smollm2-135m-instruct.json",
+    TINY_MODEL: Path(__file__).parent / "calibration" / "tiny-stdlib.json",
+}
+DEFAULT_CALIBRATION = CALIBRATIONS[DEFAULT_MODEL]
 
 
 def default_gain_model(model_name: str | None) -> GainModel | None:
@@ -140,7 +226,7 @@ def plan(
     def gain(n: int) -> float:
         if gain_model is None or n == 0:
             return 0.0
-        return float(gain_model.predict(kept.variances[0] - kept.variances[n]))
+        return float(gain_model.predict(kept.variances[0] - kept.variances[n], n))
 
     def make(steps: int, reason: str) -> Plan:
         return Plan(
@@ -169,8 +255,9 @@ def plan(
         return make(
             0, f"predicted gain {best:.4f} bpb at {most} steps is below the {threshold:.4g} bpb threshold"
         )
-    gains = np.array([gain(n) for n in range(1, most + 1)])
-    steps = int(np.argmax(gains >= config.gain_fraction * best)) + 1
+    fraction = config.gain_fraction or gain_model.gain_fraction or 1.0
+    gains = gain_model.curve(kept.variances, most)
+    steps = _fewest_steps(gains, fraction)
     return make(
         steps,
         f"{steps} steps reach {gains[steps - 1] / best:.0%} of the predicted gain at {most} steps ({best:.4f} bpb)",

@@ -30,7 +30,7 @@ from peft import get_peft_model, get_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from ttserve.config import TrainingConfig
-from ttserve.lm import LoadedModel
+from ttserve.lm import LoadedModel, native_bf16
 from ttserve.lora import lora_config
 
 # The adapter being trained. PEFT saves a non-default adapter into a sub-directory, so the trainer's own
@@ -46,7 +46,7 @@ class SharedModel:
         self.device = loaded.device
         self.max_length = loaded.max_length
         autocast = training.autocast_bf16
-        self.autocast_bf16 = self.device.type == "cuda" if autocast is None else autocast
+        self.autocast_bf16 = native_bf16(self.device) if autocast is None else autocast
         for parameter in loaded.model.parameters():
             parameter.requires_grad_(False)
         # Seeded so that the adapter's initial lora_A (PEFT draws it at random) is the same in every process.
