@@ -151,6 +151,11 @@ def test_fit_recovers_a_gain_that_grows_with_steps_as_well_as_reduction():
     assert model.r2 > 0.9
     # One step count cannot say anything about steps: the steps term is left out, not made up.
     assert GainModel.fit(reductions, gains, np.full(200, 8.0)).steps_power == 0.0
+    # Nor is a negative one (more steps on the same information losing gain): the reduction alone is fitted.
+    shrinking = GainModel.fit(reductions, 0.2 * reductions**0.5 * steps**-0.3, steps)
+    assert shrinking.steps_power == 0.0 and shrinking.power == pytest.approx(
+        GainModel.fit(reductions, 0.2 * reductions**0.5 * steps**-0.3).power
+    )
 
 
 def test_auto_plans_an_intermediate_step_count_when_the_predicted_gain_flattens():

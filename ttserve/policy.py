@@ -83,6 +83,12 @@ class GainModel:
             columns.append(np.log(steps[usable]))
         x = np.stack(columns, axis=1)
         coefficients = np.linalg.lstsq(x, y, rcond=None)[0]
+        if len(coefficients) > 2 and coefficients[2] < 0:
+            # Within a prompt, reduction and steps grow together, so a negative steps exponent only trades
+            # off against a steeper reduction exponent: it would predict that training longer on the same
+            # information loses gain, and plans would shrink as budgets grow. Fit the reduction alone then.
+            x = x[:, :2]
+            coefficients = np.linalg.lstsq(x, y, rcond=None)[0]
         residual = y - x @ coefficients
         r2 = 1.0 - float(residual @ residual) / float(((y - y.mean()) ** 2).sum() or 1.0)
         return cls(
