@@ -261,9 +261,7 @@ def report(results: dict, args) -> None:
     o = results.get("overhead")
     if o is None:
         return training_table(results, args)
-    print(
-        f"max_tokens {MAX_TOKENS}, {o['mean_completion_tokens']:.1f} tokens per answer on average"
-    )
+    print(f"max_tokens {MAX_TOKENS}, {o['mean_completion_tokens']:.1f} tokens per answer on average")
     print(f"\nBudget 0, {args.overhead_repeats} requests each side, alternating")
     print("\n| path | median ms | p90 ms |")
     print("|---|---:|---:|")

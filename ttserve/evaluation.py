@@ -132,7 +132,9 @@ class EvalReport:
         table: dict = {"win_rate_vs_base": {}}
         for strategy in self.config["strategies"]:
             table["win_rate_vs_base"][strategy] = {
-                str(n): share([bpb(d, strategy, n) < bits_per_byte(d.base_loglik, d.bytes) for d in documents])
+                str(n): share(
+                    [bpb(d, strategy, n) < bits_per_byte(d.base_loglik, d.bytes) for d in documents]
+                )
                 for n in steps
             }
         if {"knn", "sift"} <= set(self.config["strategies"]):
@@ -175,7 +177,9 @@ class EvalReport:
                     CalibrationPrompt(
                         variances=np.asarray(d.variances["sift"], dtype=float),
                         steps=np.array([c.budget for c in checkpoints]),
-                        gains=np.array([bits_per_byte(d.base_loglik - c.loglik, d.bytes) for c in checkpoints]),
+                        gains=np.array(
+                            [bits_per_byte(d.base_loglik - c.loglik, d.bytes) for c in checkpoints]
+                        ),
                         weight=float(d.bytes),
                     )
                 )
