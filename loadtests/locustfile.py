@@ -81,7 +81,7 @@ def add_options(parser) -> None:
         default="chat",
         help="/v1/chat/completions or /v1/completions",
     )
-    parser.add_argument("--model", default="ttserve-tiny", help="model id (see GET /v1/models)")
+    parser.add_argument("--model", default="SmolLM2-135M-Instruct", help="model id (see GET /v1/models)")
     parser.add_argument(
         "--api-key",
         default="",
