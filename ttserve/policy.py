@@ -148,8 +148,9 @@ def fit_policy(
 ) -> GainModel:
     """The skip threshold and gain fraction that spend the fewest steps while keeping `keep` of the gain.
 
-    Every pair (threshold, fraction) is replayed through `plan` on the calibration prompts at `budget`;
-    the realised gain of a planned step count comes from the prompt's checkpoints. Of the pairs that keep
+    Every pair (threshold, fraction) is replayed as `plan` decides (without an adaptive-SIFT stop) on the
+    calibration prompts at `budget`; the realised gain of a planned step count comes from the prompt's
+    checkpoints, linear in between. Of the pairs that keep
     `keep` of the gain of training every prompt for the whole budget, the one with the fewest steps wins
     (ties: more gain).
     """
