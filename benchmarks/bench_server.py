@@ -62,18 +62,23 @@ MAX_TOKENS = 32
 MODEL_ID = "bench"
 
 
-def code_prompts(count: int, per_module: int = 2, lines: int = 3) -> list[str]:
-    """`count` distinct snippets: the first `lines` lines of public standard-library functions."""
+def stdlib_modules():
+    """(path, source, syntax tree) of each public top-level standard-library module, in name order."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    prompts: list[str] = []
     for path in sorted(root.glob("*.py")):
         if path.name.startswith("_"):
             continue
         try:
             source = path.read_text(encoding="utf-8")
-            tree = ast.parse(source)
+            yield path, source, ast.parse(source)
         except (SyntaxError, UnicodeDecodeError):
             continue
+
+
+def code_prompts(count: int, per_module: int = 2, lines: int = 3) -> list[str]:
+    """`count` distinct snippets: the first `lines` lines of public standard-library functions."""
+    prompts: list[str] = []
+    for _, source, tree in stdlib_modules():
         source_lines = source.splitlines()
         taken = 0
         for node in ast.walk(tree):
@@ -92,15 +97,8 @@ def code_prompts(count: int, per_module: int = 2, lines: int = 3) -> list[str]:
 
 def chat_prompts(count: int) -> list[str]:
     """`count` distinct questions about public standard-library functions, at most two per module."""
-    root = Path(sysconfig.get_paths()["stdlib"])
     questions: list[str] = []
-    for path in sorted(root.glob("*.py")):
-        if path.name.startswith("_"):
-            continue
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError):
-            continue
+    for path, _, tree in stdlib_modules():
         names = [n.name for n in tree.body if isinstance(n, ast.FunctionDef) and not n.name.startswith("_")]
         for name in names[:2]:
             questions.append(f"In Python, what does {path.stem}.{name}() do, and how do I call it?")

@@ -115,9 +115,10 @@ class ModelConfig(_Section):
 class TrainingConfig(_Section):
     """Test-time fine-tuning (spec §4): one step per selected sequence, batch size 1, fresh LoRA each time."""
 
-    # Tuned on the default model (BENCHMARKS.md, "Training that fits SmolLM2"): LoRA needs a larger step than
-    # the paper's full fine-tuning (5e-5), but on a pretrained model a larger one overfits the picks within
-    # 16 steps; this rate still improves at every step up to 16. The tiny model wants 2e-3 (configs/tiny.yaml).
+    # Tuned on the default model (BENCHMARKS.md, "SmolLM2-135M-Instruct, the default model"): LoRA needs a
+    # larger step than the paper's full fine-tuning (5e-5), but on a pretrained model a larger one overfits
+    # the picks within 16 steps; this rate still improves at every step up to 16. The tiny model wants 2e-3
+    # (configs/tiny.yaml).
     learning_rate: float = Field(5e-4, gt=0)
     adam_eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -130,7 +131,8 @@ class TrainingConfig(_Section):
     target_modules: list[str] | None = None
     # Forward and backward of a training step under bf16 autocast (weights and optimizer state stay fp32).
     # None: where bf16 runs in hardware (CUDA; CPUs with AVX512-BF16 or AMX): there it was measured faster
-    # with the same gain (BENCHMARKS.md, "Training precision"); elsewhere it is emulated and slower.
+    # with the same gain (BENCHMARKS.md, "SmolLM2-135M-Instruct, the default model"); elsewhere it is
+    # emulated and slower.
     autocast_bf16: bool | None = None
     seed: int = 0
 
@@ -142,7 +144,7 @@ class PolicyConfig(_Section):
     # Adaptive-SIFT stopping constant: picks beyond the first n with alpha·n·σ_n > 1 are never trained on.
     alpha: float | None = Field(None, gt=0)
     # Train only when the predicted gain at the budget reaches this. None: the threshold fitted with the gain
-    # model (`ttserve calibrate`, together with `gain_fraction`, to keep 95% of the calibration runs' gain).
+    # model (`ttserve calibrate`, together with `gain_fraction`, to keep `--keep` of the calibration runs' gain).
     min_gain_bpb: float | None = Field(None, ge=0)
     # auto takes the fewest steps whose predicted gain reaches this fraction of the gain at the budget. None:
     # the fraction fitted with the gain model (`ttserve calibrate`), else 1.0 (the whole budget).

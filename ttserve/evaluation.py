@@ -123,8 +123,9 @@ class EvalReport:
         model, SIFT against kNN at equal steps, and the documents where SIFT at the most steps hurt."""
         steps, documents = self.config["steps"], self.documents
 
-        def bpb(d: DocumentResult, strategy: str, n: int) -> float:
-            return bits_per_byte(_at(d.runs[strategy], n).loglik, d.bytes)
+        def bpb(d: DocumentResult, strategy: str | None = None, n: int = 0) -> float:
+            loglik = d.base_loglik if strategy is None else _at(d.runs[strategy], n).loglik
+            return bits_per_byte(loglik, d.bytes)
 
         def share(wins: list[bool]) -> float:
             return sum(wins) / len(wins) if wins else float("nan")
@@ -132,24 +133,18 @@ class EvalReport:
         table: dict = {"win_rate_vs_base": {}}
         for strategy in self.config["strategies"]:
             table["win_rate_vs_base"][strategy] = {
-                str(n): share(
-                    [bpb(d, strategy, n) < bits_per_byte(d.base_loglik, d.bytes) for d in documents]
-                )
-                for n in steps
+                str(n): share([bpb(d, strategy, n) < bpb(d) for d in documents]) for n in steps
             }
         if {"knn", "sift"} <= set(self.config["strategies"]):
             table["sift_win_rate_vs_knn"] = {
                 str(n): share([bpb(d, "sift", n) < bpb(d, "knn", n) for d in documents]) for n in steps
             }
         if "sift" in self.config["strategies"]:
-            hurt = [
-                (d.id, bits_per_byte(d.base_loglik, d.bytes), bpb(d, "sift", steps[-1]))
-                for d in documents
-                if bpb(d, "sift", steps[-1]) > bits_per_byte(d.base_loglik, d.bytes)
-            ]
+            rows = [(d.id, bpb(d), bpb(d, "sift", steps[-1])) for d in documents]
             table["sift_hurt"] = [
                 {"id": i, "base_bpb": round(b, 4), "sift_bpb": round(a, 4)}
-                for i, b, a in sorted(hurt, key=lambda row: row[1] - row[2])
+                for i, b, a in sorted(rows, key=lambda row: row[1] - row[2])
+                if a > b
             ]
         return table
 
@@ -377,7 +372,10 @@ def fit_gain_model(reports: Sequence[EvalReport], keep: float) -> GainModel:
     corpora = ", ".join(sorted({report.config.get("datastore", "") for report in reports}))
     model = GainModel.fit(reductions, gains, steps, model=reports[0].config.get("model", ""), corpus=corpora)
     prompts = [prompt for report in reports for prompt in report.calibration_prompts()]
-    if prompts and len(prompts) == sum(sum("sift" in d.runs for d in r.documents) for r in reports):
+    every_sift_run_has_its_trajectory = all(
+        d.variances.get("sift") for r in reports for d in r.documents if "sift" in d.runs
+    )
+    if prompts and every_sift_run_has_its_trajectory:
         return fit_policy(model, prompts, budget=max(max(r.config["steps"]) for r in reports), keep=keep)
     rows = [report.prompt_points() for report in reports]
     return model.with_threshold(*(np.concatenate([p[i] for p in rows]) for i in range(3)), keep=keep)

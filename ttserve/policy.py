@@ -159,13 +159,12 @@ def fit_policy(
     weights = np.array([p.weight for p in prompts])
     full = float(sum(p.weight * p.realised(min(budget, len(p.variances) - 1)) for p in prompts))
     curves = [model.curve(p.variances, min(budget, len(p.variances) - 1)) for p in prompts]
-    thresholds = np.unique([0.0, *(c[-1] for c in curves if len(c))])
+    at_budget = np.array([c[-1] if len(c) else 0.0 for c in curves])  # what the threshold is compared to
     best: tuple[float, float, float, float] | None = None  # (steps, -gain, threshold, fraction)
     for fraction in GAIN_FRACTIONS:
         planned = np.array([_fewest_steps(c, fraction) for c in curves])
         realised = np.array([p.realised(n) for p, n in zip(prompts, planned, strict=True)])
-        at_budget = np.array([c[-1] if len(c) else 0.0 for c in curves])
-        for threshold in thresholds:
+        for threshold in np.unique([0.0, *at_budget]):
             trained = at_budget >= threshold
             gain = float((weights * realised)[trained].sum())
             if full > 0 and gain >= keep * full:
@@ -230,10 +229,12 @@ def plan(
     kept = selection.stop_adaptive(config.alpha) if config.alpha is not None else selection
     available = len(kept)
 
+    most = min(budget, available)
+    # Predicted gain after 1..most steps, one formula for the plan and the number it reports.
+    gains = gain_model.curve(kept.variances, most) if gain_model is not None else np.zeros(most)
+
     def gain(n: int) -> float:
-        if gain_model is None or n == 0:
-            return 0.0
-        return float(gain_model.predict(kept.variances[0] - kept.variances[n], n))
+        return float(gains[n - 1]) if n else 0.0
 
     def make(steps: int, reason: str) -> Plan:
         return Plan(
@@ -249,7 +250,6 @@ def plan(
         return make(
             0, f"adaptive SIFT stop (alpha={config.alpha:g}): the data cannot reduce the uncertainty enough"
         )
-    most = min(budget, available)
     if mode == "always":
         return make(
             most, f"mode always: spend the budget ({most} of {budget} steps, {available} picks available)"
@@ -263,7 +263,6 @@ def plan(
             0, f"predicted gain {best:.4f} bpb at {most} steps is below the {threshold:.4g} bpb threshold"
         )
     fraction = config.gain_fraction or gain_model.gain_fraction or 1.0
-    gains = gain_model.curve(kept.variances, most)
     steps = _fewest_steps(gains, fraction)
     return make(
         steps,
