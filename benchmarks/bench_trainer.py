@@ -69,7 +69,7 @@ def main() -> None:
     trainer = TestTimeTrainer(load_model(settings.model), config)
     bare = load_model(settings.model)
     torch.manual_seed(config.seed)
-    bare_model = get_peft_model(bare.model, lora_config(config, bare.model.config.model_type, bare.name))
+    bare_model = get_peft_model(bare.model, lora_config(config, bare.model.config, bare.name))
     bare_parameters = [p for p in bare_model.parameters() if p.requires_grad]
     assert sum(p.numel() for p in bare_parameters) == sum(p.numel() for p in trainer.trainable_parameters)
 

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from ttserve.scoring import score_text
@@ -164,3 +165,16 @@ def test_requests_are_serialised(make_trainer):
     for t in threads:
         t.join()
     assert overlaps == [1] * 6
+
+
+def test_lora_layers_adapts_only_the_last_blocks(make_trainer, tmp_path):
+    """`lora_layers=1`: LoRA in the top block only, and the saved adapter names no other block."""
+    full, top = make_trainer(), make_trainer(lora_layers=1)
+    layers = top.model.get_base_model().config.num_hidden_layers
+    assert layers > 1
+    assert len(top.trainable_parameters) * layers == len(full.trainable_parameters)
+    top.train(TEXTS, max_steps=2, output_dir=tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["layers_to_transform"] == [layers - 1]
+    state = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert {key.split(".layers.")[1].split(".")[0] for key in state} == {str(layers - 1)}

@@ -129,6 +129,9 @@ class TrainingConfig(_Section):
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     # None: a per-architecture default (attention and MLP projections), see ttserve/lora.py.
     target_modules: list[str] | None = None
+    # LoRA in the last N transformer blocks only (None: all). Backpropagation stops at the lowest adapted
+    # block, so a step costs less.
+    lora_layers: PositiveInt | None = None
     # Forward and backward of a training step under bf16 autocast (weights and optimizer state stay fp32).
     # None: where bf16 runs in hardware (CUDA; CPUs with AVX512-BF16 or AMX): there it was measured faster
     # with the same gain (BENCHMARKS.md, "SmolLM2-135M-Instruct, the default model"); elsewhere it is

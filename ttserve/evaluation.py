@@ -317,6 +317,7 @@ def evaluate(
         "lora_rank": trainer.config.lora_rank,
         "lora_alpha": trainer.config.lora_alpha,
         "target_modules": trainer.config.target_modules,
+        "lora_layers": trainer.config.lora_layers,
         "max_length": trainer.max_length,
         "autocast_bf16": trainer.shared.autocast_bf16,
         "model": trainer.base_name,

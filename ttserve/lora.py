@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from peft import LoraConfig
 
@@ -24,13 +25,22 @@ TARGET_MODULES: dict[str, list[str]] = {
 }
 
 
-def lora_config(config: TrainingConfig, model_type: str, base_model_name: str) -> LoraConfig:
+def lora_config(config: TrainingConfig, model_config: Any, base_model_name: str) -> LoraConfig:
+    """`model_config`: the base model's transformers config (its model_type and layer count decide the
+    targets)."""
+    model_type = getattr(model_config, "model_type", "")
     targets = config.target_modules or TARGET_MODULES.get(model_type, "all-linear")
+    layers = None
+    if config.lora_layers is not None:
+        # The last N blocks only: backpropagation then stops at the lowest adapted block.
+        total = model_config.num_hidden_layers
+        layers = list(range(max(total - config.lora_layers, 0), total))
     return LoraConfig(
         r=config.lora_rank,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
         target_modules=targets,
+        layers_to_transform=layers,
         bias="none",
         task_type="CAUSAL_LM",
         base_model_name_or_path=base_model_name,
@@ -51,7 +61,7 @@ def write_zero_adapter(model: str, training: TrainingConfig, directory: Path) ->
     model_config = AutoConfig.from_pretrained(model)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(model_config)
-    lora = lora_config(training, getattr(model_config, "model_type", ""), model)
+    lora = lora_config(training, model_config, model)
     peft_model = get_peft_model(skeleton, lora)
     state = {
         key: torch.zeros(value.shape, dtype=torch.float32)

@@ -52,9 +52,8 @@ class SharedModel:
         # Seeded so that the adapter's initial lora_A (PEFT draws it at random) is the same in every process.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(training.seed)
-            model_type = getattr(loaded.model.config, "model_type", "")
             self.peft = get_peft_model(
-                loaded.model, lora_config(training, model_type, loaded.name), adapter_name=TRAINING_ADAPTER
+                loaded.model, lora_config(training, loaded.model.config, loaded.name), adapter_name=TRAINING_ADAPTER
             )
         self.peft.eval()  # train mode only inside training_step: inference never sees dropout
         self.trainable_parameters = [p for p in self.peft.parameters() if p.requires_grad]
