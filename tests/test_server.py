@@ -57,6 +57,41 @@ def test_training_changes_the_answer_and_the_base_answer_is_unaffected(running):
     assert chat(running, extra_body={"compute_budget": 0}).choices[0].message.content == base
 
 
+def test_training_gets_the_cpus_and_every_other_torch_thread_one(running):
+    """The replica's CPU split (ttserve/threads.py): training steps run with the training thread's count,
+    and inference passes and query embedding with one thread, so they build no OpenMP team of their own."""
+    import torch
+
+    from ttserve.threads import default_torch_threads
+
+    model = running.replica.pipeline.trainer.model.get_base_model()
+    embedder = running.replica.retrieve.__self__.embedder.model
+    seen: list[tuple[str, int]] = []
+    hooks = [
+        model.register_forward_pre_hook(
+            lambda module, args: seen.append(
+                ("training" if module.training else "inference", torch.get_num_threads())
+            )
+        ),
+        embedder.register_forward_pre_hook(
+            lambda module, args: seen.append(("embedding", torch.get_num_threads()))
+        ),
+    ]
+    try:
+        response = chat(
+            running,
+            "A question no other test asks: what is a CPU split?",
+            extra_body={"compute_budget": 2, "ttt": {"mode": "always"}},
+        )
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert ttt_of(response)["decision"] == "trained"
+    counts = {kind: {n for k, n in seen if k == kind} for kind in ("training", "inference", "embedding")}
+    assert counts == {"training": {default_torch_threads()}, "inference": {1}, "embedding": {1}}
+    assert running.settings.training.cpu_threads is None and running.settings.engine.cpu_threads == 1
+
+
 def test_streaming_deltas_equal_the_whole_answer(running):
     client = running.client()
     kwargs = dict(model=running.model, prompt=CODE_PROMPT, max_tokens=16, temperature=0)

@@ -137,6 +137,9 @@ class TrainingConfig(_Section):
     # with the same gain (BENCHMARKS.md, "SmolLM2-135M-Instruct, the default model"); elsewhere it is
     # emulated and slower.
     autocast_bf16: bool | None = None
+    # Torch intra-op threads of the replica's training thread. None: what torch would use in the process
+    # (OMP_NUM_THREADS, else every CPU it may run on). See ttserve/threads.py for the CPU split.
+    cpu_threads: PositiveInt | None = None
     seed: int = 0
 
 
@@ -173,6 +176,10 @@ class EngineConfig(_Section):
     # when vLLM runs on CPU, off on GPU (whose kernels treat "no LoRA" correctly).
     zero_adapter_for_base: bool | None = None
     max_logprobs: PositiveInt = 20  # most top logprobs a request may ask for
+    # Torch intra-op threads of every thread on a replica except the training thread: the transformers
+    # engine's passes, in-process embedding, the loop. One keeps the training thread's OpenMP team fast
+    # (ttserve/threads.py); vLLM runs its own process and is not affected.
+    cpu_threads: PositiveInt = 1
 
 
 class AdapterCacheConfig(_Section):

@@ -53,7 +53,9 @@ class SharedModel:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(training.seed)
             self.peft = get_peft_model(
-                loaded.model, lora_config(training, loaded.model.config, loaded.name), adapter_name=TRAINING_ADAPTER
+                loaded.model,
+                lora_config(training, loaded.model.config, loaded.name),
+                adapter_name=TRAINING_ADAPTER,
             )
         self.peft.eval()  # train mode only inside training_step: inference never sees dropout
         self.trainable_parameters = [p for p in self.peft.parameters() if p.requires_grad]

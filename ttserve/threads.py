@@ -27,6 +27,16 @@ speed estimate, the LoRA gate's counts) is touched only on the event loop, so it
 asyncio primitives there (the cache's lock, the gate's condition) order coroutines, not threads.
 
 vLLM runs its own engine process; the vLLM engine only awaits it from the loop.
+
+**Torch's intra-op threads.** The training thread gets `training.cpu_threads` (default: every CPU torch would
+use); every other thread that runs torch (inference passes, embedding, the loop) gets `engine.cpu_threads`
+(default 1). The reason is GNU OpenMP, torch's intra-op pool on CPU: each thread that ever runs a parallel
+region keeps its own team of worker threads, and once the process holds more of them than it has CPUs, every
+worker sleeps at each barrier instead of spinning. A training step is thousands of parallel regions, so it then
+pays a wake-up per region: in the server, after one retrieval and one generation had built their own teams, a
+step ran about twice as slow as alone. Single-thread inference builds no team, and costs little: decoding one
+token of a small model is memory-bound and barely gains from a second thread (BENCHMARKS.md, "Torch threads").
+`GeneratorReplica.start` assigns the counts, training thread first (see `set_torch_threads`).
 """
 
 from __future__ import annotations
@@ -57,6 +67,34 @@ class Trainer(Protocol):
     ) -> TrainingRun: ...
 
 
+_process_default: int | None = None
+
+
+def default_torch_threads() -> int:
+    """The count torch chose for this process (OMP_NUM_THREADS, which Ray sets from a replica's num_cpus;
+    else the CPUs it may run on), as read the first time this is called: call it before setting any."""
+    global _process_default
+    if _process_default is None:
+        import torch
+
+        _process_default = torch.get_num_threads()
+    return _process_default
+
+
+def set_torch_threads(count: int) -> None:
+    """Give the calling thread `count` torch intra-op threads.
+
+    torch keeps one process-wide count, which a thread copies the first time it runs torch, and each thread's
+    own (OpenMP's per-thread setting). `torch.set_num_threads` sets both: so set the thread that needs more
+    first, then set the rest from another thread; every thread that first runs torch afterwards gets the
+    value set last.
+    """
+    import torch
+
+    torch.get_num_threads()  # this thread's first use: it copies the process-wide count now, not later
+    torch.set_num_threads(count)
+
+
 class TrainingStopped(Exception):
     """Training was admitted but stopped before its first step (deadline, cancellation); the reason goes
     into the answer, which the base model then gives. (Stopped after k > 0 steps, the run is returned: its
@@ -77,6 +115,10 @@ class TrainingThread:
         self.queued = 0  # admitted trainings not finished (waiting or running)
         self.queued_steps = 0
         self.seconds_per_step: float | None = None  # a running average, for admission
+
+    async def set_torch_threads(self, count: int) -> None:
+        """`set_torch_threads(count)` on the training thread."""
+        await asyncio.get_running_loop().run_in_executor(self._executor, set_torch_threads, count)
 
     def refusal(self, steps: int, deadline: float, max_queued: int) -> str | None:
         """Why a new training of `steps` steps must not start (None: admit it)."""

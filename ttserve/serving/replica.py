@@ -32,9 +32,12 @@ class GeneratorReplica:
         from ttserve.adapter_cache import AdapterCache
         from ttserve.lm import load_model
         from ttserve.policy import Policy, load_gain_model
+        from ttserve.threads import default_torch_threads, set_torch_threads
         from ttserve.training import TestTimeTrainer
 
         settings = self.settings
+        training_threads = settings.training.cpu_threads or default_torch_threads()
+        set_torch_threads(settings.engine.cpu_threads)  # loading runs here: no team of its own either
         trainer = TestTimeTrainer(load_model(settings.model), settings.training)
         engine = await start_engine(settings, trainer)
         adapters = settings.adapters
@@ -48,6 +51,9 @@ class GeneratorReplica:
             limits=settings.server,
             default_strategy=settings.retrieval.strategy,
         )
+        # The CPU split (threads.py): the training thread first, then everything that runs torch later.
+        await self.pipeline.training.set_torch_threads(training_threads)
+        set_torch_threads(settings.engine.cpu_threads)
         return self
 
     def _ready(self) -> RequestPipeline:
