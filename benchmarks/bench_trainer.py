@@ -55,11 +55,14 @@ def main() -> None:
     parser.add_argument(
         "--autocast-bf16", action="store_true", help="train under bf16 autocast (training.autocast_bf16)"
     )
+    parser.add_argument(
+        "--lora-layers", type=int, default=None, help="LoRA in the last N blocks only (training.lora_layers)"
+    )
     args = parser.parse_args()
 
     settings = Settings(
         model=ModelConfig(name_or_path=args.model, device="cpu"),
-        training=TrainingConfig(autocast_bf16=args.autocast_bf16),
+        training=TrainingConfig(autocast_bf16=args.autocast_bf16, lora_layers=args.lora_layers),
     )
     ensure_datastore(settings)
     store = Datastore(settings.datastore.path)
