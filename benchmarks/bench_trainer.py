@@ -53,7 +53,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--requests", type=int, default=10)
     parser.add_argument(
-        "--autocast-bf16", action="store_true", help="train under bf16 autocast (training.autocast_bf16)"
+        "--autocast-bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="train under bf16 autocast or not (training.autocast_bf16; default: where bf16 is native)",
     )
     parser.add_argument(
         "--lora-layers", type=int, default=None, help="LoRA in the last N blocks only (training.lora_layers)"
