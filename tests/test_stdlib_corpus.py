@@ -89,6 +89,22 @@ def test_the_documentation_names_every_entry():
     ]  # stable, and a missing module is left out
 
 
+def test_the_documentation_is_the_same_whatever_this_process_imported_or_patched(monkeypatch):
+    """The default datastore must not depend on the process that builds it: a library that replaces
+    `sys.excepthook` (several do) used to drop it from the corpus, and object addresses in signatures
+    (`interpolation=<object object at 0x...>`) changed the text in every process."""
+    import sys
+
+    from ttserve.stdlib_corpus import documentation
+
+    before = documentation(["sys", "configparser"])
+    monkeypatch.setattr(sys, "excepthook", lambda *args: None)
+    after = documentation(["sys", "configparser"])
+    assert after == before and "sys.excepthook" in dict(after)
+    assert not any(" at 0x" in text for _, text in after)
+    assert "interpolation=<object object>" in dict(after)["configparser.ConfigParser"]
+
+
 def test_builtin_corpora_read_by_name():
     from ttserve.datastore import read_corpus
     from ttserve.datastore.sources import ReadStats

@@ -21,7 +21,11 @@ Both selections are deterministic for a given Python version: files are taken in
 from __future__ import annotations
 
 import inspect
+import json
 import os
+import re
+import subprocess
+import sys
 import sysconfig
 from collections.abc import Sequence
 from pathlib import Path
@@ -112,6 +116,20 @@ DOCUMENTED_MODULES = (
 
 
 def documentation(modules: Sequence[str] = DOCUMENTED_MODULES) -> list[tuple[str, str]]:
+    """`render_documentation(modules)`, run in a fresh interpreter.
+
+    Rendered in this process, the text would depend on what the process had imported and patched (a
+    library that replaces `sys.excepthook` removes it from `sys`'s functions), so the default datastore
+    would differ between a server and a test run. A fresh interpreter imports nothing but the stdlib.
+    """
+    code = "import json, sys; from ttserve.stdlib_corpus import render_documentation as r; json.dump(r(sys.argv[1:]), sys.stdout)"
+    result = subprocess.run(
+        [sys.executable, "-c", code, *modules], capture_output=True, text=True, check=True
+    )
+    return [(name, text) for name, text in json.loads(result.stdout)]
+
+
+def render_documentation(modules: Sequence[str]) -> list[tuple[str, str]]:
     """(qualified name, text): each module's docstring, then one section per public class and function.
 
     Every entry starts with its qualified name and signature (`pathlib.Path.read_text(self, encoding=None,
@@ -159,7 +177,8 @@ def _class_section(qualified: str, cls: type) -> str:
 
 def _entry(qualified: str, value: object) -> str:
     try:
-        signature = str(inspect.signature(value))
+        # Defaults that are bare objects print their address, which differs in every process.
+        signature = re.sub(r" at 0x[0-9a-fA-F]+", "", str(inspect.signature(value)))
     except (TypeError, ValueError):  # some builtins have none
         signature = "(...)"
     doc = _docstring(value)
