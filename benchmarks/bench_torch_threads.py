@@ -8,7 +8,8 @@ default thread count) and an inference thread with `--other-threads` threads.
 
 1. Training steps on the training thread, before the inference thread has run anything (`alone`).
 2. One greedy decode of `--tokens` tokens on the inference thread, with the base model and with an adapter
-   (ms per token), as generation runs on a replica.
+   (ms per token), as generation runs on a replica; and one prefill of a `--prompt-tokens` prompt, where a
+   second thread does help.
 3. Training steps again (`after inference`): with two threads there, the inference thread now holds an
    OpenMP team of its own, and the process more OpenMP workers than CPUs.
 
@@ -41,6 +42,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--prompt-tokens", type=int, default=512, help="prompt length for the prefill row")
     args = parser.parse_args()
 
     settings = Settings()
@@ -71,6 +73,13 @@ def main() -> None:
             past, ids = out.past_key_values, out.logits[:, -1:].argmax(-1)
         return (time.perf_counter() - started) / args.tokens * 1e3
 
+    def prefill_ms() -> float:
+        ids = torch.tensor([trainer.tokenizer(" ".join(texts))["input_ids"][: args.prompt_tokens]])
+        started = time.perf_counter()
+        with shared.routed(None) as model:
+            model(input_ids=ids, use_cache=True)
+        return (time.perf_counter() - started) * 1e3
+
     training.submit(trainer.train, texts[:2], 2).result()  # warm-up
     alone = training.submit(seconds_per_step).result()
     directory = tempfile.mkdtemp()
@@ -79,6 +88,8 @@ def main() -> None:
     inference.submit(ms_per_token, None).result()  # warm-up
     base = statistics.median(inference.submit(ms_per_token, None).result() for _ in range(3))
     adapted = statistics.median(inference.submit(ms_per_token, "bench").result() for _ in range(3))
+    inference.submit(prefill_ms).result()  # warm-up
+    prefill = statistics.median(inference.submit(prefill_ms).result() for _ in range(3))
     after = training.submit(seconds_per_step).result()
     tokens = sum(len(trainer.tokenizer(t)["input_ids"]) for t in texts) / len(texts)
     print(f"training thread: {training_threads} threads; inference thread: {args.other_threads}")
@@ -87,6 +98,7 @@ def main() -> None:
     print(f"| training step, alone ({tokens:.0f} tokens) | {alone * 1e3:.0f} ms |")
     print(f"| decode, base model | {base:.1f} ms/token |")
     print(f"| decode, with an adapter | {adapted:.1f} ms/token |")
+    print(f"| prefill, {args.prompt_tokens}-token prompt, base model | {prefill:.0f} ms |")
     print(f"| training step, after inference ran | {after * 1e3:.0f} ms ({after / alone:.2f}× alone) |")
 
 

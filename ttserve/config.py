@@ -178,7 +178,7 @@ class EngineConfig(_Section):
     max_logprobs: PositiveInt = 20  # most top logprobs a request may ask for
     # Torch intra-op threads of every thread on a replica except the training thread: the transformers
     # engine's passes, in-process embedding, the loop. One keeps the training thread's OpenMP team fast
-    # (ttserve/threads.py); vLLM runs its own process and is not affected.
+    # (ttserve/threads.py) and costs long prompts' prefill; vLLM runs its own process and is not affected.
     cpu_threads: PositiveInt = 1
 
 

@@ -34,8 +34,9 @@ use); every other thread that runs torch (inference passes, embedding, the loop)
 region keeps its own team of worker threads, and once the process holds more of them than it has CPUs, every
 worker sleeps at each barrier instead of spinning. A training step is thousands of parallel regions, so it then
 pays a wake-up per region: in the server, after one retrieval and one generation had built their own teams, a
-step ran about twice as slow as alone. Single-thread inference builds no team, and costs little: decoding one
-token of a small model is memory-bound and barely gains from a second thread (BENCHMARKS.md, "Torch threads").
+step ran about twice as slow as alone. Single-thread inference builds no team. Decoding a small model barely
+gains from a second thread (memory and Python bound); prefilling a long prompt does, which is the split's
+cost (BENCHMARKS.md, "Torch threads").
 `GeneratorReplica.start` assigns the counts, training thread first (see `set_torch_threads`).
 """
 
