@@ -222,23 +222,21 @@ def training_rows(client, prompts: list[str], budgets: list[int], repeats: int) 
     fresh = iter(prompts)
     for budget in budgets:  # warm-up
         complete(client, next(fresh), {"compute_budget": budget, "ttt": {"mode": "always"}})
-    runs: dict[str, list[tuple[float, dict]]] = collections.defaultdict(list)
+    runs: dict[str, list[tuple[float, object]]] = collections.defaultdict(list)
     for _ in range(repeats):
         for budget in budgets:
             prompt = next(fresh)
             body = {"compute_budget": budget, "ttt": {"mode": "always"}}
             seconds, response = complete(client, prompt, body)
-            runs[f"budget {budget}, new prompt"].append((seconds, response.model_extra["ttt"]))
+            runs[f"budget {budget}, new prompt"].append((seconds, response))
             print(f"# budget {budget}, new prompt: {seconds:.2f} s", flush=True)
             if budget == max(budgets) and budget > 0:
                 seconds, response = complete(client, prompt, body)
-                runs[f"budget {budget}, same prompt again (adapter reused)"].append(
-                    (seconds, response.model_extra["ttt"])
-                )
+                runs[f"budget {budget}, same prompt again (adapter reused)"].append((seconds, response))
                 print(f"# budget {budget}, same prompt again: {seconds:.2f} s", flush=True)
     rows = []
     for label, results in runs.items():
-        ttts = [ttt for _, ttt in results]
+        ttts = [response.model_extra["ttt"] for _, response in results]
         rows.append(
             {
                 "row": label,
@@ -248,6 +246,8 @@ def training_rows(client, prompts: list[str], budgets: list[int], repeats: int) 
                 "mean_training_s": statistics.mean(t["training_seconds"] or 0.0 for t in ttts),
                 "mean_retrieval_ms": statistics.mean(t["retrieval_ms"] or 0.0 for t in ttts),
                 "mean_training_tokens": statistics.mean(t["training_tokens"] for t in ttts),
+                # Answers differ in length (an adapted model may run to max_tokens), so say how long.
+                "mean_completion_tokens": statistics.mean(r.usage.completion_tokens for _, r in results),
             }
         )
     return rows
@@ -278,14 +278,15 @@ def report(results: dict, args) -> None:
 def training_table(results: dict, args) -> None:
     print(f"\nWith test-time training (ttt mode always), {args.repeats} requests per row")
     print(
-        "\n| request | median ms | p90 ms | decisions | mean steps | mean training_seconds | mean retrieval ms |"
+        "\n| request | median ms | p90 ms | decisions | mean steps | mean training_seconds | mean retrieval ms "
+        "| mean completion tokens |"
     )
-    print("|---|---:|---:|---|---:|---:|---:|")
+    print("|---|---:|---:|---|---:|---:|---:|---:|")
     for r in results["training"]:
         decisions = ", ".join(f"{k} {v}" for k, v in sorted(r["decisions"].items()))
         print(
             f"| {r['row']} | {r['median_ms']:.0f} | {r['p90_ms']:.0f} | {decisions} | {r['mean_steps']:.1f} | "
-            f"{r['mean_training_s']:.2f} | {r['mean_retrieval_ms']:.1f} |"
+            f"{r['mean_training_s']:.2f} | {r['mean_retrieval_ms']:.1f} | {r['mean_completion_tokens']:.1f} |"
         )
 
 
