@@ -25,7 +25,7 @@ import numpy as np
 
 from ttserve.config import PolicyConfig
 from ttserve.evaluation import load_report
-from ttserve.policy import DEFAULT_CALIBRATION, CalibrationPrompt, GainModel, plan
+from ttserve.policy import DEFAULT_CALIBRATION, CalibrationPrompt, GainModel, full_budget_gain, plan
 from ttserve.selection import Selection
 
 
@@ -36,15 +36,15 @@ def policy_share(prompts: list[CalibrationPrompt], model: GainModel, budget: int
         n = plan(selection, budget, PolicyConfig(), model).steps
         steps += n
         gain += p.weight * p.realised(n)
-    return steps / (budget * len(prompts)), gain / full_gain(prompts, budget)
+    return steps / (budget * len(prompts)), gain / full_budget_gain(prompts, budget)
 
 
 def ranking_share(prompts: list[CalibrationPrompt], model: GainModel, budget: int, keep: float) -> float:
     predicted = [model.curve(p.variances, budget)[-1] for p in prompts]
     order = np.argsort(predicted)[::-1]
-    target, kept = keep * full_gain(prompts, budget), 0.0
+    target, kept = keep * full_budget_gain(prompts, budget), 0.0
     for trained, i in enumerate(order, start=1):
-        kept += prompts[i].weight * prompts[i].realised(budget)
+        kept += prompts[i].weight * prompts[i].realised_at_budget(budget)
         if kept >= target:
             return trained / len(prompts)
     return 1.0
@@ -61,12 +61,8 @@ def oracle_share(prompts: list[CalibrationPrompt], budget: int, keep: float) -> 
                 if merged.get(used + n, -np.inf) < value:
                     merged[used + n] = value
         best = merged
-    target = keep * full_gain(prompts, budget)
+    target = keep * full_budget_gain(prompts, budget)
     return min(used for used, gain in best.items() if gain >= target) / (budget * len(prompts))
-
-
-def full_gain(prompts: list[CalibrationPrompt], budget: int) -> float:
-    return sum(p.weight * p.realised(budget) for p in prompts)
 
 
 def main() -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from ttserve.stdlib_corpus import (
     DATASTORE_MAX_FILE_BYTES,
     EXCLUDED_DIRS,
@@ -103,6 +105,16 @@ def test_the_documentation_is_the_same_whatever_this_process_imported_or_patched
     assert after == before and "sys.excepthook" in dict(after)
     assert not any(" at 0x" in text for _, text in after)
     assert "interpolation=<object object>" in dict(after)["configparser.ConfigParser"]
+
+
+def test_a_documentation_render_that_fails_says_so(monkeypatch):
+    import sys
+
+    from ttserve.stdlib_corpus import documentation
+
+    monkeypatch.setattr(sys, "executable", "/bin/false")  # an interpreter that fails at once
+    with pytest.raises(RuntimeError, match="rendering the standard library's documentation failed"):
+        documentation(["json"])
 
 
 def test_builtin_corpora_read_by_name():

@@ -16,6 +16,7 @@ pay for the compute.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -139,6 +140,15 @@ class CalibrationPrompt:
         """Realised gain after n steps, linear between checkpoints (0 at 0 steps)."""
         return float(np.interp(n, [0, *self.steps], [0.0, *self.gains]))
 
+    def realised_at_budget(self, budget: int) -> float:
+        """Realised gain of training for the whole budget (or on every pick, if there are fewer)."""
+        return self.realised(min(budget, len(self.variances) - 1))
+
+
+def full_budget_gain(prompts: Sequence[CalibrationPrompt], budget: int) -> float:
+    """The byte-weighted gain of training every prompt for the whole budget: what a policy keeps a share of."""
+    return float(sum(p.weight * p.realised_at_budget(budget) for p in prompts))
+
 
 GAIN_FRACTIONS = np.round(np.arange(0.2, 1.0001, 0.05), 2)
 
@@ -157,7 +167,7 @@ def fit_policy(
     if not prompts:
         raise ValueError("no calibration prompts")
     weights = np.array([p.weight for p in prompts])
-    full = float(sum(p.weight * p.realised(min(budget, len(p.variances) - 1)) for p in prompts))
+    full = full_budget_gain(prompts, budget)
     curves = [model.curve(p.variances, min(budget, len(p.variances) - 1)) for p in prompts]
     at_budget = np.array([c[-1] if len(c) else 0.0 for c in curves])  # what the threshold is compared to
     best: tuple[float, float, float, float] | None = None  # (steps, -gain, threshold, fraction)

@@ -123,9 +123,9 @@ def documentation(modules: Sequence[str] = DOCUMENTED_MODULES) -> list[tuple[str
     would differ between a server and a test run. A fresh interpreter imports nothing but the stdlib.
     """
     code = "import json, sys; from ttserve.stdlib_corpus import render_documentation as r; json.dump(r(sys.argv[1:]), sys.stdout)"
-    result = subprocess.run(
-        [sys.executable, "-c", code, *modules], capture_output=True, text=True, check=True
-    )
+    result = subprocess.run([sys.executable, "-c", code, *modules], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"rendering the standard library's documentation failed:\n{result.stderr[-2000:]}")
     return [(name, text) for name, text in json.loads(result.stdout)]
 
 
