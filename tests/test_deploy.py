@@ -33,7 +33,7 @@ DEPLOY = ROOT / "deploy"
 CRD_PATH = ROOT.parent / "shared" / "k8s" / "ray.io_rayservices.yaml"
 
 SERVE_CONFIGS = ["serve.yaml", "serve-gpu.yaml"]
-DEPLOYMENTS = ["Ingress", "Retriever", "Generator"]
+DEPLOYMENTS = ["Ingress", "Planner", "Generator"]
 IMPORT_PATH = "ttserve.serving.app:build_app"
 IMAGE = "ghcr.io/ttserve/ttserve:0.1.0-gpu"
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -138,7 +138,7 @@ def _max_replicas(deployment: dict) -> int:
 def test_cpu_serve_config_fits_two_cpus_without_gpus():
     deployments = _deployments(_load(CONFIGS / "serve.yaml"))
     assert all(d["ray_actor_options"]["num_gpus"] == 0 for d in deployments.values())
-    assert "autoscaling_config" in deployments["Ingress"] and "autoscaling_config" in deployments["Retriever"]
+    assert "autoscaling_config" in deployments["Ingress"] and "autoscaling_config" in deployments["Planner"]
     assert deployments["Generator"]["num_replicas"] == 1
     # At full scale everything still schedules on the 2-core dev machines (the file's header says so).
     at_max = sum(_max_replicas(d) * d["ray_actor_options"]["num_cpus"] for d in deployments.values())
@@ -150,7 +150,7 @@ def test_gpu_serve_config_gives_the_generator_a_gpu_and_vllm():
     deployments = _deployments(raw)
     assert deployments["Generator"]["ray_actor_options"]["num_gpus"] == 1
     assert deployments["Ingress"]["ray_actor_options"]["num_gpus"] == 0
-    assert deployments["Retriever"]["ray_actor_options"]["num_gpus"] == 0
+    assert deployments["Planner"]["ray_actor_options"]["num_gpus"] == 0
     autoscaling = deployments["Generator"]["autoscaling_config"]
     assert autoscaling["min_replicas"] == 1 and autoscaling["max_replicas"] > 1
     (app,) = raw["applications"]
@@ -233,7 +233,7 @@ def test_rayservice_groups():
     assert groups[cpu_name]["rayStartParams"].get("num-gpus") == "0"
     assert any(t.get("key") == "nvidia.com/gpu" for t in pods[gpu_name].get("tolerations", []))
 
-    # Serve's replicas fit the groups: one Generator per GPU pod, Ingress + Retriever in the CPU group.
+    # Serve's replicas fit the groups: one Generator per GPU pod, Ingress + Planner in the CPU group.
     deployments = _deployments(yaml.safe_load(manifest["spec"]["serveConfigV2"]))
     generator = deployments["Generator"]
     assert groups[gpu_name]["maxReplicas"] == _max_replicas(generator)
@@ -244,7 +244,7 @@ def test_rayservice_groups():
     assert generator["ray_actor_options"]["num_cpus"] <= cpus(pods[gpu_name])
     cpu_demand = sum(
         _max_replicas(deployments[name]) * deployments[name]["ray_actor_options"]["num_cpus"]
-        for name in ("Ingress", "Retriever")
+        for name in ("Ingress", "Planner")
     )
     assert cpu_demand <= groups[cpu_name]["maxReplicas"] * cpus(pods[cpu_name])
 

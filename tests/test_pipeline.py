@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -225,7 +225,7 @@ def test_the_policy_skips_before_retrieval(rig):
         ttt, text = ask(r, **options)
         assert (ttt.decision, ttt.reason, text) == ("skipped", reason, "base"), options
     assert r.retrieval.calls == 0 and r.trainer.calls == []
-    r.pipeline.retrieve = None
+    r.pipeline.planner.retrieve = None
     assert ask(r, compute_budget=8)[0].reason == "no datastore is configured"
 
 
@@ -396,3 +396,45 @@ def test_a_deadline_before_the_first_step_falls_back(rig):
     assert ttt.decision == "fallback" and "stopped (deadline) before its first step" in ttt.reason
     assert text == "base" and ttt.steps == 0 and ttt.planned_steps == 6
     assert r.pipeline.stats().adapters_cached == 0 and list(r.pipeline.adapters.directory.iterdir()) == []
+
+
+# --- plans made before a replica is chosen (the Planner deployment under Ray) -----------------------------------
+def test_a_plan_made_elsewhere_is_carried_out_without_retrieving_again(rig):
+    from ttserve.planning import RequestPlanner
+
+    r = rig()
+    request = GenerateRequest(prompt="import json", max_tokens=32, compute_budget=3, mode="always")
+    plan = r.run(r.pipeline.planner.plan(request, "import json"))
+    assert plan.steps == 3 and len(plan.texts) == 3 and plan.adapter_id and r.retrieval.calls == 1
+    started, whole = r.run(r.pipeline.complete(request, plan))
+    assert r.retrieval.calls == 1 and started.ttt.decision == "trained" and whole.text == r.engine.loads[0]
+    assert started.ttt.adapter_id == plan.adapter_id and plan.outcome.decision == "skipped"  # plan untouched
+    # Another process's planner with the same settings names the same adapter: what requests route by.
+    elsewhere = RequestPlanner(
+        retrieve=FakeRetrieval(),
+        policy=Policy(PolicyConfig(), gain_model=None),
+        training=TrainingConfig(),
+        model="fake-model",
+        limits=ServerConfig(max_compute_budget=64),
+    )
+    assert r.run(elsewhere.plan(request, "import json")).adapter_id == plan.adapter_id
+    skipped = r.run(elsewhere.plan(GenerateRequest(prompt="x", compute_budget=0), "x"))
+    assert skipped.steps == 0 and skipped.adapter_id is None and skipped.outcome.reason == "compute budget is 0"
+
+
+def test_time_spent_planning_elsewhere_counts_against_the_deadline(rig):
+    r = rig()
+    r.trainer.clock = r.clock  # a training step takes one second of the pipeline's clock
+    request = GenerateRequest(prompt="import json", max_tokens=8, compute_budget=3, mode="always", deadline_s=2.5)
+    plan = r.run(r.pipeline.planner.plan(request, "import json"))
+    plan.planning_seconds = 2.0  # as a Planner replica would report it
+    started, _ = r.run(r.pipeline.complete(request, plan))
+    assert (started.ttt.steps, started.ttt.planned_steps, started.ttt.stopped) == (1, 3, "deadline")
+
+
+def test_a_plan_does_not_bypass_the_budget_cap(rig):
+    r = rig(max_compute_budget=4)
+    request = GenerateRequest(prompt="import json", max_tokens=8, compute_budget=3, mode="always")
+    plan = r.run(r.pipeline.planner.plan(request, "import json"))
+    with pytest.raises(InvalidRequest, match="above this server's maximum"):
+        r.run(r.pipeline.complete(replace(request, compute_budget=5), plan))

@@ -1,5 +1,5 @@
 """The Ray Serve application itself: `serve.run(build_app(...))` on a local Ray cluster, driven over HTTP with
-the official `openai` client. Ingress, Generator and Retriever run as separate replicas (separate processes),
+the official `openai` client. Ingress, Planner and Generator run as separate replicas (separate processes),
 so everything that crosses them (requests, streamed events, domain errors, replica counters) is pickled for
 real. The `ttserve serve` command on top of this is tested in test_server.py."""
 
@@ -68,7 +68,7 @@ def test_a_budget_trains_on_the_generator_and_a_repeat_reuses_the_adapter(ray_ap
     body = {"compute_budget": 2, "ttt": {"mode": "always"}}
     first = ttt_of(chat(ray_app, content="class Registry:\n    def register(self):", extra_body=body))
     assert first["decision"] == "trained" and first["steps"] == 2 and first["selected_ids"]
-    assert first["retrieval_ms"] > 0  # retrieval ran in the Retriever replica
+    assert first["retrieval_ms"] > 0  # retrieval ran in the Planner replica
     again = ttt_of(chat(ray_app, content="class Registry:\n    def register(self):", extra_body=body))
     assert again["decision"] == "reused" and again["adapter_id"] == first["adapter_id"]
 
@@ -94,8 +94,9 @@ def test_streaming_through_the_handles_equals_the_whole_answer(ray_app):
             assert ttt_of(chunks[-1])["steps"] == budget and text
 
 
-def test_a_refusal_in_the_generator_reaches_the_client_as_an_openai_error(ray_app):
-    """The budget cap is checked in the Generator replica: its domain error crosses Ray and becomes a 400."""
+def test_refusals_in_the_planner_and_the_generator_reach_the_client_as_openai_errors(ray_app):
+    """The budget cap is checked in the Planner replica, token ids in the Generator: their domain errors
+    cross Ray and become 400s."""
     with pytest.raises(openai.BadRequestError) as refused:
         chat(ray_app, extra_body={"compute_budget": 10**6})
     error = refused.value.body

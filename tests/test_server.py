@@ -534,8 +534,8 @@ def test_a_deadline_mid_training_answers_with_the_adapter_of_the_steps_taken(
     monkeypatch.setattr(shared, "training_step", one_second_step)
     monkeypatch.setattr(parts.trainer, "clock", clock)
     pipeline = RequestPipeline(
-        engine=parts.engine, trainer=parts.trainer, training=parts.training_config, adapters=parts.adapters,
-        policy=parts.policy, retrieve=parts.retrieve, limits=parts.limits, clock=clock,
+        engine=parts.engine, trainer=parts.trainer, training=parts.planner.training, adapters=parts.adapters,
+        policy=parts.planner.policy, retrieve=parts.planner.retrieve, limits=parts.limits, clock=clock,
     )  # fmt: skip
     prompt = "def checksum(data):\n    total = 0"
     greedy = SamplingParams(max_tokens=12, temperature=0)
@@ -558,7 +558,7 @@ def test_a_deadline_mid_training_answers_with_the_adapter_of_the_steps_taken(
         three, text_three = ask(3)
         assert three.decision == "reused" and three.adapter_id == cut.adapter_id and text_three == text
         # The same three steps trained alone, outside the pipeline, answer the same.
-        retrieval = loop_thread.run(parts.retrieve(prompt, n=None, strategy=None, lam=None))
+        retrieval = loop_thread.run(parts.planner.retrieve(prompt, n=None, strategy=None, lam=None))
         parts.trainer.train(retrieval.texts[:3], 3, output_dir=tmp_path / "alone")
         alone = loop_thread.run(parts.engine.add_adapter(tmp_path / "alone"))
         try:

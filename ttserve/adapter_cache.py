@@ -124,6 +124,10 @@ class AdapterCache:
         """The cached adapters, least recently used first."""
         return [entry.adapter for entry in self._entries.values()]
 
+    def held_ids(self) -> list[str]:
+        """The digests of the adapters cached or being trained here."""
+        return [key.digest for key in (*self._entries, *self._training)]
+
     def acquire(self, key: AdapterKey) -> AdapterLease | None:
         """The cached adapter for `key`, held for the caller; None on a miss."""
         entry = self._entries.get(key)

@@ -74,6 +74,12 @@ class DatastoreConfig(_Section):
     chunk_tokens: PositiveInt | None = None
     embedding_dtype: Literal["float32", "float16"] = "float32"
     use_gpu: Literal["auto", "never"] = "auto"
+    # Under Ray: serve a sharded datastore (`ttserve index shard`) from this many Shard deployments, which
+    # the Planner queries in parallel (docs/scaling.md). None: the Planner opens the datastore itself,
+    # sharded or not.
+    shards: PositiveInt | None = None
+    # A shard that has not answered by then is left out of that request's candidates (said in its reason).
+    shard_timeout_s: float = Field(5.0, gt=0)
 
     @model_validator(mode="before")
     @classmethod

@@ -179,6 +179,15 @@ class GenerateRequest:
     prompt_logprobs: int | None = None  # echo + logprobs: score the prompt with this many top logprobs
     request_id: str | None = None
 
+    def retrieval_text(self) -> str | None:
+        """The text retrieval searches with: the messages' contents, or the prompt. None for a prompt of token
+        ids, which only the model's tokenizer can turn into text."""
+        if self.messages is not None:
+            return "\n".join(m["content"] for m in self.messages if m["content"].strip())
+        if isinstance(self.prompt, str):
+            return self.prompt
+        return None
+
 
 @dataclass
 class TTTOutcome:
@@ -205,6 +214,29 @@ class TTTOutcome:
     def trained(self) -> bool:
         """Whether an adapter answered (trained now or reused)."""
         return self.decision in ("trained", "reused")
+
+
+@dataclass
+class TrainingPlan:
+    """What was decided for a request before a generator replica is chosen (ttserve/planning.py): whether
+    to train, on which picks, for how many steps, and so which adapter it needs. Under Ray the Planner
+    deployment makes it and the ingress routes the request by `adapter_id` to the replica holding that
+    adapter; on one replica the pipeline makes it itself."""
+
+    outcome: TTTOutcome  # so far: the decision (skipped, or fallback when retrieval failed), reason, picks
+    texts: list[str] = field(default_factory=list)  # the picks' texts, in training order
+    variances: list[float] = field(default_factory=list)  # SIFT's uncertainty after 0, 1, ... picks
+    planning_seconds: float = 0.0  # time spent planning, which counts against the request's deadline
+
+    @property
+    def steps(self) -> int:
+        """Training steps planned (0: the base model answers)."""
+        return self.outcome.planned_steps if self.outcome.decision == "skipped" else 0
+
+    @property
+    def adapter_id(self) -> str | None:
+        """The planned adapter's content key (what requests are routed by); None when none is planned."""
+        return self.outcome.adapter_id if self.steps else None
 
 
 @dataclass

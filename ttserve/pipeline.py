@@ -1,14 +1,15 @@
-"""One request, start to finish, on one generator replica: tokenize, decide, retrieve, plan, train, answer.
+"""One request, start to finish, on one generator replica: tokenize, plan, train, answer.
 
-    request ─► tokenize + check ─► policy: skip? ─► retrieve ─► policy: plan ─► adapter cache ─► engine
-                 (engine)            (policy.py)    (a Retriever      (steps, reason)  hit, or train on
-                                                     or a Ray handle)                   the training thread
+    request ─► tokenize + check ─► plan (planning.py: budget, ─► adapter cache ─► engine
+                 (engine)            skip?, retrieve, steps)      hit, or train on
+                                     or the plan it was given     the training thread
 
 `RequestPipeline` is plain Python with its parts passed in, so tests drive it with stand-ins and the Ray
 app and the in-process server wrap the same object (ttserve/serving/replica.py builds the real parts).
-It speaks only the contract's types: a `GenerateRequest` in; `Started` (with a `TTTOutcome`), then the
-engine's `GenerationChunk`s out; `RequestError`s for requests it refuses, raised before anything is
-yielded so a refused request never starts a stream and changes nothing.
+It speaks only the contract's types: a `GenerateRequest` (and, under Ray, the `TrainingPlan` the Planner
+made for it) in; `Started` (with a `TTTOutcome`), then the engine's `GenerationChunk`s out;
+`RequestError`s for requests it refuses, raised before anything is yielded so a refused request never
+starts a stream and changes nothing.
 
 What it promises: a request trains at most its budget; an adapter is reused only for an identical key
 (so one request never sees another's adapter unless both would have trained the same weights); and
@@ -18,12 +19,10 @@ training cut short by its deadline after k > 0 steps answers with the adapter of
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING, Protocol
 
 from ttserve.adapter_cache import AdapterCache, AdapterKey, AdapterLease
 from ttserve.config import ServerConfig, TrainingConfig
@@ -35,31 +34,25 @@ from ttserve.contract import (
     ReplicaStats,
     Started,
     Strategy,
+    TrainingPlan,
     TrainingRun,
     TTTOutcome,
     collect,
 )
 from ttserve.engines.base import Engine
+from ttserve.planning import RequestPlanner, Retrieve
 from ttserve.policy import Policy
 from ttserve.threads import Trainer, TrainingStopped, TrainingThread
 
-if TYPE_CHECKING:
-    from ttserve.retrieval import Retrieval
-
 log = logging.getLogger(__name__)
 
-
-class Retrieve(Protocol):
-    """Retrieval as the pipeline calls it: `Retriever.retrieve_async`, or a Ray handle to the Retriever."""
-
-    def __call__(
-        self, text: str, *, n: int | None, strategy: Strategy | None, lam: float | None
-    ) -> Awaitable[Retrieval]: ...
+__all__ = ["RequestPipeline", "Retrieve"]
 
 
 class RequestPipeline:
     """The request orchestrator of one replica. `clock` is time.monotonic (deadlines given to the trainer
-    are on it); tests may pass another."""
+    are on it); tests may pass another. `model` names the base model in adapter keys (default: the
+    trainer's); replicas that share adapter ids across processes must agree on it."""
 
     def __init__(
         self,
@@ -73,17 +66,24 @@ class RequestPipeline:
         limits: ServerConfig,
         default_strategy: Strategy = "sift",
         clock: Callable[[], float] = time.monotonic,
+        model: str | None = None,
     ):
         self.engine = engine
         self.trainer = trainer
-        self.training_config = training  # part of every adapter's key: it decides the weights
         self.adapters = adapters
-        self.policy = policy
-        self.retrieve = retrieve
         self.limits = limits
-        self.default_strategy = default_strategy
         self.clock = clock
+        self.planner = RequestPlanner(
+            retrieve=retrieve,
+            policy=policy,
+            training=training,
+            model=model or trainer.base_name,
+            limits=limits,
+            default_strategy=default_strategy,
+            clock=clock,
+        )
         self.training = TrainingThread(trainer, clock)
+        self.generating = 0  # requests past their adapter decision and not yet answered (autoscaling)
 
     def close(self) -> None:
         """Stop the training thread. The parts (engine, cache) belong to whoever built them."""
@@ -106,8 +106,11 @@ class RequestPipeline:
         )
 
     # --- the request ----------------------------------------------------------------------------------
-    async def stream(self, request: GenerateRequest) -> AsyncIterator[Started | GenerationChunk]:
-        """`Started`, then the engine's chunks. A refused request raises before anything is yielded."""
+    async def stream(
+        self, request: GenerateRequest, plan: TrainingPlan | None = None
+    ) -> AsyncIterator[Started | GenerationChunk]:
+        """`Started`, then the engine's chunks. A refused request raises before anything is yielded.
+        `plan`: what the Planner decided for this request elsewhere (None: plan here)."""
         arrived = self.clock()
         prompt_ids, query = self._tokenize(request)
         max_tokens = request.max_tokens
@@ -117,10 +120,15 @@ class RequestPipeline:
             self.engine.check_context(prompt_ids, max_tokens)
         except ContextLengthError as error:
             raise ContextLengthError(error.message, "messages" if request.messages else "prompt") from None
-        budget = self._budget(request.compute_budget)
+        if plan is None:
+            plan = await self.planner.plan(request, query)
+        else:  # planned before it reached this replica: that time counts against its deadline
+            self.planner.budget(request.compute_budget)
+            arrived -= plan.planning_seconds
 
-        outcome, lease = await self._test_time_train(request, query, budget, arrived)
+        outcome, lease = await self._adapter_for(request, plan, arrived)
         adapter = lease.adapter if lease else None
+        self.generating += 1
         try:
             scores = None
             if request.prompt_logprobs is not None:
@@ -130,21 +138,28 @@ class RequestPipeline:
             async for chunk in self.engine.generate(prompt_ids, sampling, adapter, request.request_id):
                 yield chunk
         finally:
+            self.generating -= 1
             if lease is not None:
                 await lease.release()
 
-    async def complete(self, request: GenerateRequest) -> tuple[Started, GenerationChunk]:
+    async def complete(
+        self, request: GenerateRequest, plan: TrainingPlan | None = None
+    ) -> tuple[Started, GenerationChunk]:
         """The whole answer at once: for non-streamed responses, one round trip through a Ray handle
         instead of one per token."""
-        events = self.stream(request)
+        events = self.stream(request, plan)
         started = await anext(events)
         return started, await collect(events)
 
+    def query(self, request: GenerateRequest) -> str:
+        """The text retrieval searches with (a prompt of token ids decoded by the model's tokenizer)."""
+        return self._tokenize(request)[1]
+
     def _tokenize(self, request: GenerateRequest) -> tuple[list[int], str]:
         """The prompt's token ids and the text retrieval searches with."""
+        text = request.retrieval_text()
         if request.messages is not None:
-            ids = self.engine.encode_chat(request.messages)
-            return ids, "\n".join(m["content"] for m in request.messages if m["content"].strip())
+            return self.engine.encode_chat(request.messages), text or ""
         if isinstance(request.prompt, str):
             return self.engine.encode(request.prompt), request.prompt
         ids = list(request.prompt or [])
@@ -153,77 +168,43 @@ class RequestPipeline:
             raise InvalidRequest(f"token ids must be in [0, {vocabulary})", param="prompt")
         return ids, self.engine.decode(ids)
 
-    def _budget(self, requested: int | None) -> int:
-        limits = self.limits
-        if requested is None:
-            return min(limits.default_compute_budget, limits.max_compute_budget)
-        if requested > limits.max_compute_budget:
-            raise InvalidRequest(
-                f"compute_budget {requested} is above this server's maximum of {limits.max_compute_budget}",
-                param="compute_budget",
-            )
-        return requested
-
     # --- test-time training ---------------------------------------------------------------------------
-    async def _test_time_train(
-        self, request: GenerateRequest, query: str, budget: int, arrived: float
+    async def _adapter_for(
+        self, request: GenerateRequest, plan: TrainingPlan, arrived: float
     ) -> tuple[TTTOutcome, AdapterLease | None]:
-        outcome = TTTOutcome(budget=budget, strategy=request.strategy or self.default_strategy)
-        skip = self.policy.skip_before_retrieval(request.mode, budget, query, self.retrieve is not None)
-        if skip is not None:
-            outcome.reason = skip
+        """The plan carried out: the planned adapter from the cache, or trained now; else the base model."""
+        outcome = replace(plan.outcome, selected_ids=list(plan.outcome.selected_ids))
+        steps = plan.steps
+        if steps == 0:
             return outcome, None
-        try:
-            retrieval = await asyncio.wait_for(
-                self.retrieve(query, n=request.n, strategy=request.strategy, lam=request.lam),
-                self.limits.retrieval_timeout_s,
-            )
-        except Exception as error:  # noqa: BLE001 - any retrieval fault degrades to the base model
-            log.exception("retrieval failed")
-            return _fallback(outcome, f"retrieval failed ({type(error).__name__}: {error})"), None
-        outcome.strategy = retrieval.strategy
-        outcome.retrieval_ms = round(sum(retrieval.timings_ms.values()), 3)
-        outcome.selected_ids = [int(i) for i in retrieval.ids]
-        outcome.uncertainty_before = retrieval.uncertainty_before
-        planned = self.policy.plan(retrieval.selection, budget, request.mode)
-        outcome.predicted_gain_bpb = planned.predicted_gain if self.policy.gain_model else None
-        outcome.uncertainty_after = float(retrieval.variances[planned.steps])
-        outcome.reason = planned.reason
-        outcome.planned_steps = planned.steps
-        if planned.steps == 0:
-            return outcome, None
-
-        def adapter_key(picks: int, steps: int) -> AdapterKey:
-            """What decides an adapter's weights: the model, the picks trained on, the settings, the steps."""
-            return AdapterKey.of(self.trainer.base_name, retrieval.ids[:picks], self.training_config, steps)
-
-        steps = planned.steps
-        key = adapter_key(steps, steps)
+        picks = outcome.selected_ids
+        key = self.planner.adapter_key(picks[:steps], steps)
         outcome.adapter_id = key.digest
         lease = self.adapters.acquire(key)
         if lease is None:
             deadline = arrived + min(request.deadline_s or float("inf"), self.limits.training_deadline_s)
             refusal = self.training.refusal(steps, deadline, self.limits.max_queued_trainings)
             if refusal is not None:
-                return _fallback(outcome, f"{planned.reason}; {refusal}"), None
-            texts = retrieval.texts[:steps]
+                return _fallback(outcome, f"{outcome.reason}; {refusal}"), None
+            texts = plan.texts[:steps]
 
             def trained_key(run: TrainingRun) -> AdapterKey:
                 # Cut short after k steps, the adapter is exactly the k-step adapter of the texts it drew from.
-                return adapter_key(run.sequences, run.steps) if run.cut_short else key
+                return self.planner.adapter_key(picks[: run.sequences], run.steps) if run.cut_short else key
 
             try:
                 lease = await self.adapters.get_or_train(
                     key, lambda directory: self.training.train(texts, steps, directory, deadline), trained_key
                 )
             except TrainingStopped as stopped:
-                return _fallback(outcome, f"{planned.reason}; {stopped}"), None
+                return _fallback(outcome, f"{outcome.reason}; {stopped}"), None
             except Exception as error:  # noqa: BLE001 - a training fault falls back to the base model
                 log.exception("test-time training failed")
                 return _fallback(
                     outcome, f"test-time training failed ({type(error).__name__}: {error})"
                 ), None
         run = lease.info
+        planned_reason = outcome.reason
         outcome.decision = "reused" if lease.cached else "trained"
         outcome.cached = lease.cached
         outcome.adapter_id = lease.key.digest
@@ -232,9 +213,9 @@ class RequestPipeline:
         outcome.training_seconds = 0.0 if lease.cached else round(run.seconds, 4)
         if run.cut_short and run.steps < steps:  # (a reused k-step adapter answers a k-step plan in full)
             outcome.stopped = run.stopped
-            outcome.uncertainty_after = float(retrieval.variances[run.sequences])
+            outcome.uncertainty_after = plan.variances[run.sequences]
             outcome.reason = (
-                f"{planned.reason}; training stopped ({run.stopped}) after {run.steps} of {steps} steps: "
+                f"{planned_reason}; training stopped ({run.stopped}) after {run.steps} of {steps} steps: "
                 f"answered with the adapter of those {run.steps} steps"
             )
         if lease.cached:

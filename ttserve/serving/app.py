@@ -1,7 +1,12 @@
-"""The Ray Serve application: three thin deployments over the plain-Python core, composed in `build_app`.
+"""The Ray Serve application: thin deployments over the plain-Python core, composed in `build_app`.
 
-    Ingress (FastAPI, CPU)  --handle-->  Generator (GeneratorReplica: policy, trainer, engine; GPU where present)
-                                              --handle-->  Retriever (embedder, Faiss, SIFT; CPU)
+    Ingress (FastAPI, CPU) --plan--> Planner (embedder, datastore or Shard handles, SIFT, policy; CPU)
+           │                             └--search--> Shard 0..N-1 (one part of a sharded datastore; CPU)
+           └--routed by the plan's adapter id--> Generator (GeneratorReplica: trainer, engine; GPU where present)
+
+A request is planned before a Generator replica is chosen (ttserve/planning.py): the plan names the
+adapter it needs, and the Generator handle's router (routing.py) sends it to the replica that holds or
+owns that adapter. Why, and what happens when that replica dies: docs/scaling.md.
 
 Each replica loads its settings itself (the YAML file named in the app's args, then TTSERVE_* environment
 variables, then the args' overrides), so the same config works under `serve run`, `serve deploy`, KubeRay
@@ -14,6 +19,7 @@ each deployment imports what it runs in its constructor.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -26,20 +32,39 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from ttserve.config import Settings, load_settings, served_model_name
-from ttserve.contract import GenerateRequest, ReplicaStats
+from ttserve.contract import GenerateRequest, ReplicaStats, RequestError, TrainingPlan
+from ttserve.serving.routing import ADAPTERS
 from ttserve.serving.sizing import deployment_options
+
+log = logging.getLogger(__name__)
 
 
 def _settings(config: str | None, overrides: dict[str, Any] | None) -> Settings:
     return load_settings(config, **(overrides or {}))
 
 
-@serve.deployment(name="Retriever", **deployment_options("Retriever"))
-class RetrieverDeployment:
+@serve.deployment(name="Planner", **deployment_options("Planner"))
+class PlannerDeployment:
+    """Retrieval and the policy: everything decided before a Generator replica is chosen."""
+
     def __init__(self, config: str | None = None, overrides: dict[str, Any] | None = None):
+        from ttserve.planning import RequestPlanner
+        from ttserve.policy import Policy, load_gain_model
         from ttserve.retrieval import Retriever
 
-        self.retriever = Retriever.from_settings(_settings(config, overrides))
+        settings = _settings(config, overrides)
+        self.retriever = Retriever.from_settings(settings)
+        self.planner = RequestPlanner(
+            retrieve=self.retriever.retrieve_async,
+            policy=Policy(settings.policy, load_gain_model(settings.policy, settings.model.name_or_path)),
+            training=settings.training,
+            model=served_model_name(settings),  # as the Generator replicas key their adapters
+            limits=settings.server,
+            default_strategy=settings.retrieval.strategy,
+        )
+
+    async def plan(self, request: GenerateRequest, query: str) -> TrainingPlan:
+        return await self.planner.plan(request, query)
 
     async def retrieve(self, text: str, *, n=None, strategy=None, lam=None):
         return await self.retriever.retrieve_async(text, n=n, strategy=strategy, lam=lam)
@@ -48,24 +73,36 @@ class RetrieverDeployment:
 @serve.deployment(name="Generator", **deployment_options("Generator"))
 class GeneratorDeployment:
     async def __init__(
-        self, retriever: DeploymentHandle, config: str | None = None, overrides: dict[str, Any] | None = None
+        self, planner: DeploymentHandle, config: str | None = None, overrides: dict[str, Any] | None = None
     ):
         from ttserve.serving.replica import GeneratorReplica
 
         async def retrieve(text: str, **options):
-            return await retriever.retrieve.remote(text, **options)
+            # Only for a request that arrives without a plan (the Planner was unreachable from the ingress).
+            return await planner.retrieve.remote(text, **options)
 
         self.replica = await GeneratorReplica(_settings(config, overrides), retrieve).start()
 
-    async def stream(self, request: GenerateRequest) -> AsyncIterator:
-        async for event in self.replica.stream(request):
+    async def stream(self, request: GenerateRequest, plan: TrainingPlan | None = None) -> AsyncIterator:
+        async for event in self.replica.stream(request, plan):
             yield event
 
-    async def complete(self, request: GenerateRequest) -> tuple:
-        return await self.replica.complete(request)
+    async def complete(self, request: GenerateRequest, plan: TrainingPlan | None = None) -> tuple:
+        return await self.replica.complete(request, plan)
+
+    async def query(self, request: GenerateRequest) -> str:
+        return await self.replica.query(request)
 
     async def stats(self) -> ReplicaStats:
         return await self.replica.stats()
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """What the router (routing.py) sends requests by: the adapters held or being trained here."""
+        return {ADAPTERS: self.replica.adapter_ids()}
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """What the Generator's autoscaling policy (autoscaling.py) scales on."""
+        return self.replica.load()
 
     def __del__(self) -> None:
         # Serve calls this on graceful shutdown: free the adapters' scratch space (memory, in /dev/shm).
@@ -79,33 +116,58 @@ class GeneratorDeployment:
 
 
 class HandleBackend:
-    """The API's backend (serving/api.py's Backend): the Generator deployment, through its handle."""
+    """The API's backend (serving/api.py's Backend) under Ray: plan with the Planner, then send the request
+    to the Generator replica its adapter routes to."""
 
-    def __init__(self, generator: DeploymentHandle, model_id: str):
-        self.handle = generator
-        self.streaming = generator.options(stream=True)
+    def __init__(self, generator: DeploymentHandle, planner: DeploymentHandle, model_id: str):
+        self.generator = generator
+        self.planner = planner
         self.model_id = model_id
 
+    async def plan(self, request: GenerateRequest) -> TrainingPlan | None:
+        """The request's plan; None when the Planner cannot be reached (the Generator then plans itself,
+        through the same Planner's retrieval, and falls back to the base model if that fails too)."""
+        try:
+            query = request.retrieval_text()
+            if query is None:  # token ids: only the model's tokenizer reads them (any replica will do)
+                query = await self.generator.query.remote(request)
+            return await self.planner.plan.remote(request, query)
+        except RequestError:
+            raise
+        except Exception:  # noqa: BLE001 - a planner fault must not fail the request
+            log.exception("planning failed; the Generator plans the request itself")
+            return None
+
+    def _generator_for(self, plan: TrainingPlan | None) -> DeploymentHandle:
+        adapter_id = plan.adapter_id if plan is not None else None
+        return self.generator.options(multiplexed_model_id=adapter_id) if adapter_id else self.generator
+
     async def stream(self, request: GenerateRequest) -> AsyncIterator:
-        async for event in self.streaming.stream.remote(request):
+        plan = await self.plan(request)
+        async for event in self._generator_for(plan).options(stream=True).stream.remote(request, plan):
             yield event
 
     async def complete(self, request: GenerateRequest) -> tuple:
-        return await self.handle.complete.remote(request)
+        plan = await self.plan(request)
+        return await self._generator_for(plan).complete.remote(request, plan)
 
     async def stats(self) -> ReplicaStats:
         # With several Generator replicas this reads the one the handle routes to.
-        return await self.handle.stats.remote()
+        return await self.generator.stats.remote()
 
 
 @serve.deployment(name="Ingress", **deployment_options("Ingress"))
 @serve.ingress()
 class Ingress:
     def __init__(
-        self, generator: DeploymentHandle, config: str | None = None, overrides: dict[str, Any] | None = None
+        self,
+        generator: DeploymentHandle,
+        planner: DeploymentHandle,
+        config: str | None = None,
+        overrides: dict[str, Any] | None = None,
     ):
         self.settings = _settings(config, overrides)
-        self.backend = HandleBackend(generator, served_model_name(self.settings))
+        self.backend = HandleBackend(generator, planner, served_model_name(self.settings))
 
     def __serve_build_asgi_app__(self):
         from ttserve.serving.api import build_api
@@ -126,9 +188,9 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     if config is not None and Path(config).is_file():
         # Resolved where the builder runs (`serve run`'s working directory), so replicas find it too.
         config = str(Path(config).resolve())
-    retriever = RetrieverDeployment.bind(config, overrides)
-    generator = GeneratorDeployment.bind(retriever, config, overrides)
-    return Ingress.bind(generator, config, overrides)
+    planner = PlannerDeployment.bind(config, overrides)
+    generator = GeneratorDeployment.bind(planner, config, overrides)
+    return Ingress.bind(generator, planner, config, overrides)
 
 
 def serve_on_local_ray(

@@ -12,9 +12,17 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from ttserve.config import Settings, served_model_name
-from ttserve.contract import GenerateRequest, GenerationChunk, NotReadyError, ReplicaStats, Started
+from ttserve.contract import (
+    GenerateRequest,
+    GenerationChunk,
+    NotReadyError,
+    ReplicaStats,
+    Started,
+    TrainingPlan,
+)
 from ttserve.engines import Engine
 from ttserve.pipeline import RequestPipeline, Retrieve
+from ttserve.serving.autoscaling import GENERATIONS, TRAINING_BACKLOG_S
 
 if TYPE_CHECKING:
     from ttserve.training import TestTimeTrainer
@@ -50,6 +58,7 @@ class GeneratorReplica:
             retrieve=self.retrieve,
             limits=settings.server,
             default_strategy=settings.retrieval.strategy,
+            model=self.model_id,  # what the Planner deployment keys adapters by too
         )
         # The CPU split (threads.py): the training thread first, then everything that runs torch later.
         await self.pipeline.training.set_torch_threads(training_threads)
@@ -62,12 +71,35 @@ class GeneratorReplica:
         return self.pipeline
 
     # The backend the HTTP layer calls (serving/api.py's Backend).
-    async def stream(self, request: GenerateRequest) -> AsyncIterator[Started | GenerationChunk]:
-        async for event in self._ready().stream(request):
+    async def stream(
+        self, request: GenerateRequest, plan: TrainingPlan | None = None
+    ) -> AsyncIterator[Started | GenerationChunk]:
+        async for event in self._ready().stream(request, plan):
             yield event
 
-    async def complete(self, request: GenerateRequest) -> tuple[Started, GenerationChunk]:
-        return await self._ready().complete(request)
+    async def complete(
+        self, request: GenerateRequest, plan: TrainingPlan | None = None
+    ) -> tuple[Started, GenerationChunk]:
+        return await self._ready().complete(request, plan)
+
+    async def query(self, request: GenerateRequest) -> str:
+        """The text retrieval searches with for `request` (token ids are decoded by this model)."""
+        return self._ready().query(request)
+
+    def load(self) -> dict[str, float]:
+        """What limits this replica (serving/autoscaling.py): the training backlog in seconds at the measured
+        step speed, and the requests generating now."""
+        if self.pipeline is None:
+            return {}
+        training = self.pipeline.training
+        return {
+            TRAINING_BACKLOG_S: training.queued_steps * (training.seconds_per_step or 0.0),
+            GENERATIONS: float(self.pipeline.generating),
+        }
+
+    def adapter_ids(self) -> list[str]:
+        """The adapters this replica holds or is training: what the router sends their requests by."""
+        return self.pipeline.adapters.held_ids() if self.pipeline is not None else []
 
     async def stats(self) -> ReplicaStats:
         return self._ready().stats()

@@ -29,7 +29,10 @@ import yaml
 
 ProfileName = Literal["cpu", "gpu"]
 PROFILES: tuple[str, ...] = get_args(ProfileName)
-DEPLOYMENTS = ("Ingress", "Retriever", "Generator")  # the order of the files and of build_app's graph
+DEPLOYMENTS = ("Ingress", "Planner", "Generator")  # the order of the files and of build_app's graph
+# One deployment per part of a sharded datastore (`datastore.shards`), named Shard0, Shard1, ...: not in the
+# generated files, which name only the deployments every app has; each profile sizes them in SHARD.
+SHARD = "Shard"
 Scalar = bool | int | float | str
 
 REGENERATE = "python -m ttserve.serving.sizing"
@@ -56,13 +59,25 @@ class ActorOptions:
 
 @dataclass(frozen=True)
 class Autoscaling:
-    """`autoscaling_config`: Serve adds replicas when the ongoing requests per replica exceed the target."""
+    """`autoscaling_config`: Serve adds replicas when the ongoing requests per replica exceed the target, or
+    as a custom `policy` says."""
 
     min_replicas: Setting
     max_replicas: Setting
-    target_ongoing_requests: Setting
+    target_ongoing_requests: Setting | None = None  # the default policy's target (None: not used)
     upscale_delay_s: Setting | None = None  # None: Serve's default
     downscale_delay_s: Setting | None = None
+    policy: Setting | None = None  # `module:callable` of a custom policy (None: Serve's default)
+    policy_kwargs: dict[str, Setting] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Router:
+    """`request_router_config`: which request router the deployment's handles use, and how often replicas
+    report the routing stats it reads."""
+
+    request_router_class: Setting
+    request_routing_stats_period_s: Setting
 
 
 @dataclass(frozen=True)
@@ -76,6 +91,7 @@ class Deployment:
     num_replicas: Setting | None = None
     autoscaling: Autoscaling | None = None
     graceful_shutdown_timeout_s: Setting | None = None  # None: Serve's default (20 s)
+    router: Router | None = None  # None: Serve's default (power of two choices)
 
     def __post_init__(self) -> None:
         if (self.num_replicas is None) == (self.autoscaling is None):
@@ -118,11 +134,13 @@ class Profile:
         if names != DEPLOYMENTS:
             raise ValueError(f"profile {self.name}: deployments {names}, expected {DEPLOYMENTS}")
 
+    shard: Deployment | None = None  # the sizing of each Shard<i> deployment
+
     def deployment(self, name: str) -> Deployment:
-        for deployment in self.deployments:
-            if deployment.name == name:
+        for deployment in (*self.deployments, self.shard):
+            if deployment is not None and deployment.name == name:
                 return deployment
-        raise KeyError(f"no deployment {name!r} (expected one of {', '.join(DEPLOYMENTS)})")
+        raise KeyError(f"no deployment {name!r} (expected one of {', '.join((*DEPLOYMENTS, SHARD))})")
 
 
 def cpus_at_full_scale(deployments: tuple[Deployment, ...]) -> str:
@@ -138,9 +156,24 @@ def cpus_at_full_scale(deployments: tuple[Deployment, ...]) -> str:
 # --- the two profiles ----------------------------------------------------------------------------------------
 ROUTE_PREFIX = Setting("/", "the OpenAI-compatible routes sit at the root: /v1/..., /health, /metrics")
 IMPORT_PATH = "ttserve.serving.app:build_app"
-RETRIEVER_WHY = (
-    "Embedding + Faiss + SIFT: CPU-bound, tens of milliseconds per prompt. A short queue per replica keeps "
-    "latency low; the autoscaler adds replicas instead of deepening queues."
+PLANNER_WHY = (
+    "Plans each request before a Generator is chosen: embedding, Faiss (or the Shard deployments) and SIFT, "
+    "then the policy; CPU-bound, tens of milliseconds per prompt. A short queue per replica keeps latency "
+    "low; the autoscaler adds replicas instead of deepening queues."
+)
+SHARD_WHY = (
+    "One part of a sharded datastore (datastore.shards): its Faiss index, rows and texts. Every prompt "
+    "searches every shard, so shards scale together, for availability more than throughput."
+)
+# Generator replicas report the adapters they hold; the router sends a request to the one holding or owning
+# its adapter (routing.py). The period bounds how long a new adapter is invisible to routers: until then
+# rendezvous hashing still sends its requests to the replica that trained it.
+ADAPTER_AFFINITY = Router(
+    request_router_class=Setting(
+        "ttserve.serving.routing:AdapterAffinityRouter",
+        "requests go to the replica holding or owning their adapter (docs/scaling.md)",
+    ),
+    request_routing_stats_period_s=Setting(1.0, "replicas report the adapters they hold this often"),
 )
 GRACEFUL_SHUTDOWN = Setting(120, "let in-flight fine-tuning requests finish on redeploys")
 NO_GPU = Setting(0)
@@ -157,7 +190,7 @@ CPU_DEPLOYMENTS = (
     Deployment(
         name="Ingress",
         why=(
-            "Async FastAPI: a request mostly waits on the Retriever and the Generator (seconds when it "
+            "Async FastAPI: a request mostly waits on the Planner and the Generator (seconds when it "
             "trains), so one replica holds many requests for almost no CPU."
         ),
         max_ongoing_requests=Setting(128),
@@ -172,8 +205,8 @@ CPU_DEPLOYMENTS = (
         ),
     ),
     Deployment(
-        name="Retriever",
-        why=RETRIEVER_WHY,
+        name="Planner",
+        why=PLANNER_WHY,
         max_ongoing_requests=Setting(8),
         autoscaling=Autoscaling(
             min_replicas=Setting(1, "never zero: each replica loads the datastore"),
@@ -194,6 +227,7 @@ CPU_DEPLOYMENTS = (
         num_replicas=Setting(1),
         max_ongoing_requests=Setting(32, "generations the engine batches at once; training is serialised"),
         graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN,
+        router=ADAPTER_AFFINITY,
         ray_actor_options=ActorOptions(
             num_cpus=Setting(
                 1,
@@ -234,13 +268,22 @@ CPU = Profile(
         },
     ),
     deployments=CPU_DEPLOYMENTS,
+    shard=Deployment(
+        name=SHARD,
+        why=SHARD_WHY,
+        num_replicas=Setting(1, "one machine: a second copy adds memory, not speed"),
+        max_ongoing_requests=Setting(16),
+        ray_actor_options=ActorOptions(
+            num_cpus=Setting(0.25, "a Faiss search and a row read"), num_gpus=NO_GPU
+        ),
+    ),
 )
 
 GPU_DEPLOYMENTS = (
     Deployment(
         name="Ingress",
         why=(
-            "Async FastAPI: a request mostly waits on the Retriever and the Generator (seconds when it "
+            "Async FastAPI: a request mostly waits on the Planner and the Generator (seconds when it "
             "trains), so one replica holds many requests for little CPU."
         ),
         max_ongoing_requests=Setting(256),
@@ -255,8 +298,8 @@ GPU_DEPLOYMENTS = (
         ),
     ),
     Deployment(
-        name="Retriever",
-        why=RETRIEVER_WHY,
+        name="Planner",
+        why=PLANNER_WHY,
         max_ongoing_requests=Setting(8),
         autoscaling=Autoscaling(
             min_replicas=Setting(1, "never zero: each replica loads the datastore (slow)"),
@@ -279,11 +322,21 @@ GPU_DEPLOYMENTS = (
         autoscaling=Autoscaling(
             min_replicas=Setting(1),
             max_replicas=Setting(4, "= the GPU worker group's maxReplicas (deploy/rayservice.yaml)"),
-            target_ongoing_requests=Setting(16),
             upscale_delay_s=Setting(60, "a new replica needs minutes: don't chase short bursts"),
             downscale_delay_s=Setting(600, "keep warm GPUs for ten minutes of low load"),
+            policy=Setting(
+                "ttserve.serving.autoscaling:GeneratorLoad",
+                "scale on what limits a Generator, not on its request count (autoscaling.py)",
+            ),
+            policy_kwargs={
+                "training_backlog_s": Setting(
+                    30.0, "queued fine-tuning per replica, in seconds: past it, add a replica"
+                ),
+                "generations": Setting(16.0, "half of max_ongoing_requests generating at once"),
+            },
         ),
         graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN,
+        router=ADAPTER_AFFINITY,
         ray_actor_options=ActorOptions(
             num_cpus=Setting(4, "tokenisation, the trainer's data handling, vLLM's processes"),
             num_gpus=Setting(1),
@@ -299,7 +352,7 @@ GPU = Profile(
         "deploy/rayservice.yaml's serveConfigV2 on Kubernetes.",
         _generated_notice("gpu"),
         "Placement: only the Generator asks for a GPU. Ray's scheduler and autoscaler keep CPU-only replicas "
-        "(Ingress, Retriever) off GPU nodes while other nodes have room (scheduler_avoid_gpu_nodes, "
+        "(Ingress, Planner, Shard<i>) off GPU nodes while other nodes have room (scheduler_avoid_gpu_nodes, "
         "AUTOSCALER_CONSERVE_GPU_NODES; both on by default), so on KubeRay they land in the CPU group.",
     ),
     proxy_location=Setting(
@@ -328,6 +381,17 @@ GPU = Profile(
         },
     ),
     deployments=GPU_DEPLOYMENTS,
+    shard=Deployment(
+        name=SHARD,
+        why=SHARD_WHY,
+        max_ongoing_requests=Setting(16),
+        autoscaling=Autoscaling(
+            min_replicas=Setting(2, "a shard replica failing or restarting drops no candidates"),
+            max_replicas=Setting(4),
+            target_ongoing_requests=Setting(4),
+        ),
+        ray_actor_options=ActorOptions(num_cpus=Setting(2, "Faiss search threads"), num_gpus=NO_GPU),
+    ),
 )
 
 PROFILE_BY_NAME: dict[str, Profile] = {"cpu": CPU, "gpu": GPU}
@@ -396,8 +460,16 @@ def _deployment_node(deployment: Deployment) -> Block:
             + _setting("upscale_delay_s", autoscaling.upscale_delay_s)
             + _setting("downscale_delay_s", autoscaling.downscale_delay_s)
         )
+        if autoscaling.policy is not None:
+            kwargs = [Key(name, s.value, s.why) for name, s in autoscaling.policy_kwargs.items()]
+            policy = [Key("policy_function", autoscaling.policy.value, autoscaling.policy.why)]
+            scaling.items.append(Key("policy", Block(policy + [Key("policy_kwargs", Block(kwargs))])))
         items.append(Key("autoscaling_config", scaling))
     items += _setting("graceful_shutdown_timeout_s", deployment.graceful_shutdown_timeout_s)
+    if (router := deployment.router) is not None:
+        routing = _setting("request_router_class", router.request_router_class)
+        routing += _setting("request_routing_stats_period_s", router.request_routing_stats_period_s)
+        items.append(Key("request_router_config", Block(routing)))
     actor = deployment.ray_actor_options
     items.append(
         Key(

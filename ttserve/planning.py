@@ -1,0 +1,121 @@
+"""Everything decided about a request before a generator replica is chosen: the budget, whether to retrieve,
+the picks, how many steps to train, and so which adapter the request needs.
+
+    request + its text ─► budget ─► policy: skip? ─► retrieve ─► policy: plan ─► TrainingPlan (adapter id)
+
+Planning needs no model, only retrieval and the policy, so it can run before routing: under Ray the Planner
+deployment runs it and the ingress sends the request to the generator replica that holds (or will train)
+the planned adapter (docs/scaling.md). On one replica the pipeline calls it directly (ttserve/pipeline.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Protocol
+
+from ttserve.adapter_cache import AdapterKey
+from ttserve.config import ServerConfig, TrainingConfig
+from ttserve.contract import GenerateRequest, InvalidRequest, Strategy, TrainingPlan, TTTOutcome
+from ttserve.policy import Policy
+
+if TYPE_CHECKING:
+    from ttserve.retrieval import Retrieval
+
+log = logging.getLogger(__name__)
+
+
+class Retrieve(Protocol):
+    """Retrieval as the planner calls it: `Retriever.retrieve_async`, or a Ray handle to the Planner's."""
+
+    def __call__(
+        self, text: str, *, n: int | None, strategy: Strategy | None, lam: float | None
+    ) -> Awaitable[Retrieval]: ...
+
+
+class RequestPlanner:
+    """`model` names the base model in adapter keys; every replica serving the same model must agree on it.
+    `clock` times planning (a plan says how long it took, which counts against the request's deadline)."""
+
+    def __init__(
+        self,
+        *,
+        retrieve: Retrieve | None,
+        policy: Policy,
+        training: TrainingConfig,
+        model: str,
+        limits: ServerConfig,
+        default_strategy: Strategy = "sift",
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.retrieve = retrieve
+        self.policy = policy
+        self.training = training  # part of every adapter's key: it decides the weights
+        self.model = model
+        self.limits = limits
+        self.default_strategy = default_strategy
+        self.clock = clock
+
+    def budget(self, requested: int | None) -> int:
+        """The request's compute budget: the server default when it gives none; above the cap, refused."""
+        limits = self.limits
+        if requested is None:
+            return min(limits.default_compute_budget, limits.max_compute_budget)
+        if requested > limits.max_compute_budget:
+            raise InvalidRequest(
+                f"compute_budget {requested} is above this server's maximum of {limits.max_compute_budget}",
+                param="compute_budget",
+            )
+        return requested
+
+    def adapter_key(self, picks: list[int], steps: int) -> AdapterKey:
+        """What decides an adapter's weights: the model, the picks trained on, the settings, the steps."""
+        return AdapterKey.of(self.model, picks, self.training, steps)
+
+    async def plan(self, request: GenerateRequest, query: str) -> TrainingPlan:
+        """The plan for `request`, whose retrieval text is `query`. Raises `InvalidRequest` for a budget
+        over the cap; a retrieval fault is not an error: the plan says `fallback` and why."""
+        started = self.clock()
+        outcome = TTTOutcome(budget=self.budget(request.compute_budget),
+                             strategy=request.strategy or self.default_strategy)  # fmt: skip
+        plan = TrainingPlan(outcome)
+        skip = self.policy.skip_before_retrieval(
+            request.mode, outcome.budget, query, self.retrieve is not None
+        )
+        if skip is not None:
+            outcome.reason = skip
+            return plan
+        assert self.retrieve is not None
+        try:
+            retrieval = await asyncio.wait_for(
+                self.retrieve(query, n=request.n, strategy=request.strategy, lam=request.lam),
+                self.limits.retrieval_timeout_s,
+            )
+        except Exception as error:  # noqa: BLE001 - any retrieval fault degrades to the base model
+            log.exception("retrieval failed")
+            outcome.decision = "fallback"
+            outcome.reason = (
+                f"retrieval failed ({type(error).__name__}: {error}); answered with the base model"
+            )
+            plan.planning_seconds = self.clock() - started
+            return plan
+        planned = self.policy.plan(retrieval.selection, outcome.budget, request.mode)
+        outcome.strategy = retrieval.strategy
+        outcome.retrieval_ms = round(sum(retrieval.timings_ms.values()), 3)
+        outcome.selected_ids = [int(i) for i in retrieval.ids]
+        outcome.uncertainty_before = retrieval.uncertainty_before
+        outcome.uncertainty_after = float(retrieval.variances[planned.steps])
+        outcome.predicted_gain_bpb = planned.predicted_gain if self.policy.gain_model else None
+        outcome.reason = planned.reason
+        degraded = getattr(retrieval, "degraded", None)
+        if degraded:
+            outcome.reason = f"{outcome.reason}; retrieval degraded: {degraded}"
+        outcome.planned_steps = planned.steps
+        if planned.steps:
+            outcome.adapter_id = self.adapter_key(outcome.selected_ids[: planned.steps], planned.steps).digest
+        plan.texts = retrieval.texts[: planned.steps]
+        plan.variances = [float(v) for v in retrieval.variances]
+        plan.planning_seconds = self.clock() - started
+        return plan
