@@ -419,13 +419,17 @@ def test_a_plan_made_elsewhere_is_carried_out_without_retrieving_again(rig):
     )
     assert r.run(elsewhere.plan(request, "import json")).adapter_id == plan.adapter_id
     skipped = r.run(elsewhere.plan(GenerateRequest(prompt="x", compute_budget=0), "x"))
-    assert skipped.steps == 0 and skipped.adapter_id is None and skipped.outcome.reason == "compute budget is 0"
+    assert (
+        skipped.steps == 0 and skipped.adapter_id is None and skipped.outcome.reason == "compute budget is 0"
+    )
 
 
 def test_time_spent_planning_elsewhere_counts_against_the_deadline(rig):
     r = rig()
     r.trainer.clock = r.clock  # a training step takes one second of the pipeline's clock
-    request = GenerateRequest(prompt="import json", max_tokens=8, compute_budget=3, mode="always", deadline_s=2.5)
+    request = GenerateRequest(
+        prompt="import json", max_tokens=8, compute_budget=3, mode="always", deadline_s=2.5
+    )
     plan = r.run(r.pipeline.planner.plan(request, "import json"))
     plan.planning_seconds = 2.0  # as a Planner replica would report it
     started, _ = r.run(r.pipeline.complete(request, plan))
