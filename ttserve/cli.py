@@ -80,11 +80,14 @@ def index_build(
     skip_invalid_utf8: Annotated[
         bool, typer.Option(help="skip and count records that are not UTF-8")
     ] = False,
+    shards: Annotated[
+        int | None, typer.Option(help="build a sharded datastore of this many shards (see `index shard`)")
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
 ) -> None:
     """Split, embed and index a corpus into a new datastore directory."""
     _quiet_libraries()
-    from ttserve.datastore import CorpusError, build_datastore
+    from ttserve.datastore import CorpusError, build_datastore, build_sharded_datastore
 
     settings = _settings(
         config,
@@ -93,18 +96,41 @@ def index_build(
         chunk_tokens=chunk_tokens,
         embedding_dtype=embedding_dtype,
     )
+    options = {"overwrite": overwrite, "skip_invalid_utf8": skip_invalid_utf8, "progress": not quiet}
     try:
-        manifest = build_datastore(
-            _corpus(corpus, more),
-            out,
-            settings,
-            overwrite=overwrite,
-            skip_invalid_utf8=skip_invalid_utf8,
-            progress=not quiet,
-        )
+        if shards is None:
+            manifest = build_datastore(_corpus(corpus, more), out, settings, **options)
+        else:
+            root = build_sharded_datastore(_corpus(corpus, more), out, shards, settings, **options)
+            manifest = root.datastore
     except (CorpusError, FileExistsError, ValueError) as error:
         raise _fail(str(error)) from None
-    typer.echo(f"built {out}: {_summary(manifest)}")
+    typer.echo(f"built {out}: {_summary(manifest)}" + (f" in {shards} shards" if shards else ""))
+
+
+@index_app.command("shard")
+def index_shard(
+    source: Annotated[Path, typer.Argument(help="existing datastore directory")],
+    destination: Annotated[Path, typer.Argument(help="sharded datastore directory to create")],
+    shards: Annotated[int, typer.Option(help="number of shards (contiguous id ranges)")],
+    overwrite: Annotated[bool, typer.Option(help="replace an existing destination (atomically)")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+) -> None:
+    """Cut a datastore into shards, each a datastore of its own, searched together by `retrieve` and `serve`.
+
+    Flat and IVF shards answer exactly what the source answers (IVF shards share its trained quantizer);
+    HNSW shards get graphs of their own, approximate but not the source's approximation.
+    """
+    from ttserve.datastore import shard_datastore
+
+    try:
+        root = shard_datastore(source, destination, shards, overwrite=overwrite, progress=not quiet)
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
+        raise _fail(str(error)) from None
+    sizes = ", ".join(str(shard.sequences) for shard in root.shards)
+    typer.echo(
+        f"sharded {source} into {destination}: {_summary(root.datastore)} in {shards} shards ({sizes})"
+    )
 
 
 @index_app.command("add")
@@ -134,11 +160,11 @@ def index_add(
 
 @index_app.command("info")
 def index_info(path: Annotated[Path, typer.Argument(help="datastore directory")]) -> None:
-    """Print a datastore's manifest (JSON)."""
-    from ttserve.datastore import Manifest
+    """Print a datastore's manifest (JSON); a sharded one's root manifest: the whole store's and its shards."""
+    from ttserve.datastore import Manifest, ShardsManifest, is_sharded
 
     try:
-        manifest = Manifest.read(path)
+        manifest = ShardsManifest.read(path) if is_sharded(path) else Manifest.read(path)
     except (FileNotFoundError, ValueError) as error:
         raise _fail(str(error)) from None
     typer.echo(manifest.model_dump_json(indent=2))
@@ -159,7 +185,7 @@ def retrieve(
     """Select training data for a prompt and print the picks with their uncertainty trajectory."""
     _quiet_libraries()
     from ttserve.contract import STRATEGIES
-    from ttserve.datastore import EmbedderMismatchError
+    from ttserve.datastore import EmbedderMismatchError, ShardsUnavailableError
     from ttserve.retrieval import Retriever
 
     if strategy not in STRATEGIES:
@@ -168,7 +194,7 @@ def retrieve(
     try:
         retriever = Retriever.from_settings(settings, path)
         result = retriever.retrieve(prompt, n=n, k=k, strategy=strategy, lam=lam, alpha=alpha)  # type: ignore[arg-type]
-    except (FileNotFoundError, EmbedderMismatchError, ValueError) as error:
+    except (FileNotFoundError, EmbedderMismatchError, ValueError, ShardsUnavailableError) as error:
         raise _fail(str(error)) from None
     if as_json:
         typer.echo(json.dumps(_retrieval_json(result), indent=2))
@@ -265,6 +291,8 @@ def _print_retrieval(result) -> None:
             else ""
         )
     )
+    if result.degraded:
+        typer.echo(f"  degraded: {result.degraded}")
     typer.echo(f"  sigma^2_0 = {result.variances[0]:.4f}")
     for i, sequence in enumerate(result.sequences, start=1):
         snippet = " ".join(sequence.text.split())[:90]
@@ -431,6 +459,7 @@ def _retrieval_json(result) -> dict:
         "num_targets": result.num_targets,
         "candidates": result.candidates,
         "truncated_from": result.truncated_from,
+        "degraded": result.degraded,
         "variances": [float(v) for v in result.variances],
         "picks": [
             {"id": s.id, "doc_id": s.doc_id, "chunk": s.chunk, "source": s.source, "text": s.text}

@@ -1,5 +1,6 @@
 """Two-stage retrieval (spec §2): Faiss pre-selects K candidates by |inner product|, then SIFT (or kNN)
-picks N of them using their exact embeddings.
+picks N of them using their exact embeddings. A sharded datastore merges its shards' candidates exactly
+first (ttserve/datastore/sharded.py); SIFT runs once, over the merged candidates.
 
 `Retriever` is safe to call from many threads: the embedder serialises its own forward passes, Faiss
 searches and SIFT run concurrently, and the document store opens one SQLite connection per thread.
@@ -16,7 +17,13 @@ import numpy as np
 from ttserve import selection
 from ttserve.config import RetrievalConfig, Settings
 from ttserve.contract import STRATEGIES, Strategy  # Strategy stays importable from here
-from ttserve.datastore import Datastore, EmbedderMismatchError, StoredSequence
+from ttserve.datastore import (
+    Datastore,
+    EmbedderMismatchError,
+    ShardedDatastore,
+    StoredSequence,
+    open_datastore,
+)
 from ttserve.embedding import Embedder
 
 # λ′ depends on how the embedder spreads similarities (spec §1: calibrate per embedding model).
@@ -43,6 +50,9 @@ class Retrieval:
     candidates: int  # K actually pre-selected
     timings_ms: dict[str, float] = field(default_factory=dict)
     truncated_from: int | None = None  # picks before adaptive truncation, when alpha was given
+    # What was missing from the candidates, as a sentence for the request's reason: shards that failed or
+    # timed out in a sharded datastore. None when every shard answered (always, unsharded).
+    degraded: str | None = None
 
     @property
     def texts(self) -> list[str]:
@@ -67,7 +77,12 @@ class Retrieval:
 
 
 class Retriever:
-    def __init__(self, datastore: Datastore, embedder: Embedder, config: RetrievalConfig | None = None):
+    def __init__(
+        self,
+        datastore: Datastore | ShardedDatastore,
+        embedder: Embedder,
+        config: RetrievalConfig | None = None,
+    ):
         if datastore.manifest.embedder.model != embedder.name:
             raise EmbedderMismatchError(
                 f"datastore embedded with {datastore.manifest.embedder.model!r}, embedder is {embedder.name!r}"
@@ -89,8 +104,10 @@ class Retriever:
 
     @classmethod
     def from_settings(cls, settings: Settings, path: str | None = None) -> Retriever:
+        """The configured retriever; a sharded datastore's shards are opened in this process."""
         embedder = Embedder(settings.embedder)
-        datastore = Datastore(path or settings.datastore.path, settings.datastore, settings.embedder)
+        config = settings.datastore
+        datastore = open_datastore(path or config.path, config, settings.embedder, config.shard_timeout_s)
         return cls(datastore, embedder, settings.retrieval)
 
     def retrieve(
@@ -151,11 +168,12 @@ class Retriever:
 
         started = time.perf_counter()
         extra = len(exclude_ids) if exclude_ids else 0
-        ids, _ = self.datastore.search(targets.mean(0), k + extra)
+        found = self.datastore.candidates(targets.mean(0), k + extra)
+        ids, candidates = found.ids, found.vectors
         if exclude_ids:
-            ids = ids[~np.isin(ids, np.fromiter(exclude_ids, dtype=np.int64, count=len(exclude_ids)))]
-        ids = ids[:k]
-        candidates = self.datastore.vectors(ids)
+            keep = ~np.isin(ids, np.fromiter(exclude_ids, dtype=np.int64, count=len(exclude_ids)))
+            ids, candidates = ids[keep], candidates[keep]
+        ids, candidates = ids[:k], candidates[:k]
         index_ms = (time.perf_counter() - started) * 1e3
 
         started = time.perf_counter()
@@ -182,6 +200,7 @@ class Retriever:
             num_targets=len(targets),
             candidates=len(ids),
             truncated_from=truncated_from,
+            degraded=found.degraded,
             timings_ms={
                 "index_ms": index_ms,
                 "selection_ms": selection_ms,

@@ -84,7 +84,7 @@ def build_datastore(
         vectors = open_embeddings(staging, manifest)
         index = faiss_index.new_index(config.index_type, embedder.dimension, added, config)
         faiss_index.train_if_needed(index, vectors)
-        _add_to_index(index, vectors, 0, progress)
+        add_to_index(index, vectors, 0, progress)
         manifest.index.hnsw_m = config.hnsw_m if config.index_type == "hnsw" else None
         manifest.index.ivf_nlist = faiss_index.ivf_nlist(index)
         faiss_index.write_index(index, staging / INDEX_FILE)
@@ -123,7 +123,7 @@ def add_to_datastore(
         manifest.sources += [str(p) for p in corpus]
         manifest.updated_at = datetime.now(UTC).isoformat(timespec="seconds")
         index = faiss_index.read_index(staging / INDEX_FILE)
-        _add_to_index(index, open_embeddings(staging, manifest), before, progress)
+        add_to_index(index, open_embeddings(staging, manifest), before, progress)
         faiss_index.write_index(index, staging / INDEX_FILE)
         manifest.write(staging)
     return manifest
@@ -199,7 +199,8 @@ def _embed_corpus(
     return next_id - first_id
 
 
-def _add_to_index(index, vectors: np.ndarray, start: int, progress: bool) -> None:
+def add_to_index(index, vectors: np.ndarray, start: int, progress: bool) -> None:
+    """Add rows `start:` of `vectors` as float32, a block at a time: bounded memory on any size."""
     for offset in tqdm(
         range(start, len(vectors), INDEX_BLOCK),
         unit="block",

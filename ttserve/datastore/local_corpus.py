@@ -10,12 +10,15 @@ from pathlib import Path
 
 from ttserve.config import Settings
 from ttserve.datastore.build import build_datastore
-from ttserve.datastore.manifest import MANIFEST_FILE, Manifest
+from ttserve.datastore.manifest import MANIFEST_FILE, Manifest, ShardsManifest, is_sharded
 
 
 def ensure_datastore(settings: Settings, progress: bool = True) -> Manifest:
-    """The configured datastore, built from `datastore.corpus` the first time it is missing."""
+    """The configured datastore's manifest (a sharded one's: the whole store's), built from
+    `datastore.corpus` the first time it is missing."""
     path = Path(settings.datastore.path)
+    if is_sharded(path):
+        return ShardsManifest.read(path).datastore
     if (path / MANIFEST_FILE).is_file():
         return Manifest.read(path)
     return build_datastore([settings.datastore.corpus], path, settings, progress=progress)

@@ -17,6 +17,7 @@ import numpy as np
 
 from ttserve.config import DatastoreConfig, EmbedderConfig
 from ttserve.datastore import faiss_index
+from ttserve.datastore.candidates import Candidates
 from ttserve.datastore.docstore import DocStore, StoredSequence
 from ttserve.datastore.manifest import DOCSTORE_FILE, EMBEDDINGS_FILE, INDEX_FILE, Manifest
 
@@ -36,14 +37,7 @@ class Datastore:
         self.path = Path(path)
         self.config = config or DatastoreConfig(path=self.path)
         self.manifest = Manifest.read(self.path)
-        if embedder is not None:
-            expected = embedder if isinstance(embedder, str) else embedder.model
-            if expected != self.manifest.embedder.model:
-                raise EmbedderMismatchError(
-                    f"{self.path} was embedded with {self.manifest.embedder.model!r} but the configured embedder is "
-                    f"{expected!r}; query embeddings would not be comparable. Rebuild the datastore or configure "
-                    f"embedder.model: {self.manifest.embedder.model}"
-                )
+        check_embedder(self.path, self.manifest, embedder)
         self.dimension = self.manifest.embedder.dimension
         self.embeddings = open_embeddings(self.path, self.manifest)
         self.index = faiss_index.configure_search(faiss_index.read_index(self.path / INDEX_FILE), self.config)
@@ -61,12 +55,30 @@ class Datastore:
         """Pre-selection: the top-k sequence ids by |inner product| with `query` [d], and their inner products."""
         return faiss_index.search_abs(self.index, query, k)
 
+    def candidates(self, query: np.ndarray, k: int) -> Candidates:
+        """Pre-selection with the candidates' exact rows: what `Retriever` selects from."""
+        ids, scores = self.search(query, k)
+        return Candidates(ids, scores, self.vectors(ids))
+
     def vectors(self, ids: np.ndarray) -> np.ndarray:
         """The exact stored embeddings of `ids`, float32 [len(ids), d]."""
         return np.asarray(self.embeddings[np.asarray(ids, dtype=np.int64)], dtype=np.float32)
 
     def sequences(self, ids: np.ndarray | list[int]) -> list[StoredSequence]:
         return self.docs.get([int(i) for i in ids])
+
+
+def check_embedder(path: Path, manifest: Manifest, embedder: EmbedderConfig | str | None) -> None:
+    """`embedder` (config or model name; None: no check) must be the model the datastore was embedded with."""
+    if embedder is None:
+        return
+    expected = embedder if isinstance(embedder, str) else embedder.model
+    if expected != manifest.embedder.model:
+        raise EmbedderMismatchError(
+            f"{path} was embedded with {manifest.embedder.model!r} but the configured embedder is "
+            f"{expected!r}; query embeddings would not be comparable. Rebuild the datastore or configure "
+            f"embedder.model: {manifest.embedder.model}"
+        )
 
 
 def open_embeddings(path: Path, manifest: Manifest, mode: str = "r") -> np.memmap:
