@@ -442,3 +442,17 @@ def test_a_plan_does_not_bypass_the_budget_cap(rig):
     plan = r.run(r.pipeline.planner.plan(request, "import json"))
     with pytest.raises(InvalidRequest, match="above this server's maximum"):
         r.run(r.pipeline.complete(replace(request, compute_budget=5), plan))
+
+
+def test_a_degraded_retrieval_still_plans_and_says_what_was_missing(rig):
+    r = rig()
+    retrieve = r.retrieval
+
+    async def missing_a_shard(text, **options):
+        return replace(await retrieve(text, **options), degraded="shard-001 failed (TimeoutError: late)")
+
+    r.pipeline.planner.retrieve = missing_a_shard
+    ttt, _ = ask(r, compute_budget=2, mode="always")
+    assert ttt.decision == "trained" and ttt.reason.endswith(
+        "retrieval degraded: shard-001 failed (TimeoutError: late)"
+    )

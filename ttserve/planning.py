@@ -109,9 +109,8 @@ class RequestPlanner:
         outcome.uncertainty_after = float(retrieval.variances[planned.steps])
         outcome.predicted_gain_bpb = planned.predicted_gain if self.policy.gain_model else None
         outcome.reason = planned.reason
-        degraded = getattr(retrieval, "degraded", None)
-        if degraded:
-            outcome.reason = f"{outcome.reason}; retrieval degraded: {degraded}"
+        if retrieval.degraded:  # shards that did not answer: picked from the others
+            outcome.reason = f"{outcome.reason}; retrieval degraded: {retrieval.degraded}"
         outcome.planned_steps = planned.steps
         if planned.steps:
             outcome.adapter_id = self.adapter_key(outcome.selected_ids[: planned.steps], planned.steps).digest

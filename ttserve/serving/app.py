@@ -43,17 +43,60 @@ def _settings(config: str | None, overrides: dict[str, Any] | None) -> Settings:
     return load_settings(config, **(overrides or {}))
 
 
+@serve.deployment(name="Shard", **deployment_options("Shard"))
+class ShardDeployment:
+    """One shard of a sharded datastore (`datastore.shards`): its index, rows and texts."""
+
+    def __init__(self, number: int, config: str | None = None, overrides: dict[str, Any] | None = None):
+        from ttserve.datastore.manifest import ShardsManifest
+        from ttserve.datastore.sharded import LocalShard
+
+        settings = _settings(config, overrides)
+        root = settings.datastore.path
+        shard = ShardsManifest.read(root).shards[number]
+        self.shard = LocalShard(root / shard.name, shard.first_id, settings.datastore, settings.embedder)
+
+    def search(self, query, k: int):
+        return self.shard.search(query, k)
+
+    def sequences(self, ids: list[int]):
+        return self.shard.sequences(ids)
+
+
+class RemoteShard:
+    """A shard client (datastore/sharded.py's ShardClient) for a Shard deployment, called from the
+    Planner's retrieval thread; each call gives up after `timeout_s`, as the fan-out does."""
+
+    def __init__(self, handle: DeploymentHandle, timeout_s: float):
+        self.handle = handle
+        self.timeout_s = timeout_s
+
+    def search(self, query, k: int):
+        return self.handle.search.remote(query, k).result(timeout_s=self.timeout_s)
+
+    def sequences(self, ids: list[int]):
+        return self.handle.sequences.remote(ids).result(timeout_s=self.timeout_s)
+
+
 @serve.deployment(name="Planner", **deployment_options("Planner"))
 class PlannerDeployment:
-    """Retrieval and the policy: everything decided before a Generator replica is chosen."""
+    """Retrieval and the policy: everything decided before a Generator replica is chosen. With `shards`
+    (handles to the Shard deployments) it searches them in parallel instead of opening the datastore."""
 
-    def __init__(self, config: str | None = None, overrides: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        shards: list[DeploymentHandle] | None = None,
+        config: str | None = None,
+        overrides: dict[str, Any] | None = None,
+    ):
         from ttserve.planning import RequestPlanner
         from ttserve.policy import Policy, load_gain_model
         from ttserve.retrieval import Retriever
 
         settings = _settings(config, overrides)
-        self.retriever = Retriever.from_settings(settings)
+        self.retriever = (
+            Retriever.from_settings(settings) if not shards else _sharded_retriever(settings, shards)
+        )
         self.planner = RequestPlanner(
             retrieve=self.retriever.retrieve_async,
             policy=Policy(settings.policy, load_gain_model(settings.policy, settings.model.name_or_path)),
@@ -68,6 +111,21 @@ class PlannerDeployment:
 
     async def retrieve(self, text: str, *, n=None, strategy=None, lam=None):
         return await self.retriever.retrieve_async(text, n=n, strategy=strategy, lam=lam)
+
+
+def _sharded_retriever(settings: Settings, shards: list[DeploymentHandle]):
+    from ttserve.datastore.manifest import ShardsManifest
+    from ttserve.datastore.sharded import ShardedDatastore
+    from ttserve.embedding import Embedder
+    from ttserve.retrieval import Retriever
+
+    config = settings.datastore
+    root = ShardsManifest.read(config.path)
+    if len(root.shards) != len(shards):
+        raise ValueError(f"datastore.shards is {len(shards)} but {config.path} has {len(root.shards)} shards")
+    clients = [RemoteShard(handle, config.shard_timeout_s) for handle in shards]
+    datastore = ShardedDatastore(root, clients, config.shard_timeout_s, config.path)
+    return Retriever(datastore, Embedder(settings.embedder), settings.retrieval)
 
 
 @serve.deployment(name="Generator", **deployment_options("Generator"))
@@ -178,19 +236,33 @@ class Ingress:
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     """The application builder `serve run` / `serve deploy` / KubeRay call: ttserve.serving.app:build_app.
 
-    args: `config` (a ttserve YAML settings file) and `overrides` (settings as nested dicts), both optional.
+    args: `config` (a ttserve YAML settings file) and `overrides` (settings as nested dicts), both optional;
+    `deployments`: Serve options per deployment name, as a Serve config's `deployments` entries give them
+    (for programs that run the app without a config file, such as tests and benchmarks; `Shard` applies to
+    every Shard<i>).
     """
     args = dict(args or {})
     config = args.pop("config", None)
     overrides = args.pop("overrides", None)
+    deployments = args.pop("deployments", None) or {}
     if args:
-        raise ValueError(f"unknown application args: {sorted(args)} (expected config, overrides)")
+        raise ValueError(
+            f"unknown application args: {sorted(args)} (expected config, overrides, deployments)"
+        )
     if config is not None and Path(config).is_file():
         # Resolved where the builder runs (`serve run`'s working directory), so replicas find it too.
         config = str(Path(config).resolve())
-    planner = PlannerDeployment.bind(config, overrides)
-    generator = GeneratorDeployment.bind(planner, config, overrides)
-    return Ingress.bind(generator, planner, config, overrides)
+    shards = [
+        ShardDeployment.options(
+            name=f"Shard{i}", **{**deployments.get("Shard", {}), **deployments.get(f"Shard{i}", {})}
+        ).bind(i, config, overrides)
+        for i in range(_settings(config, overrides).datastore.shards or 0)
+    ]
+    planner = PlannerDeployment.options(**deployments.get("Planner", {})).bind(shards, config, overrides)
+    generator = GeneratorDeployment.options(**deployments.get("Generator", {})).bind(
+        planner, config, overrides
+    )
+    return Ingress.options(**deployments.get("Ingress", {})).bind(generator, planner, config, overrides)
 
 
 def serve_on_local_ray(
