@@ -330,7 +330,10 @@ GPU_DEPLOYMENTS = (
             ),
             policy_kwargs={
                 "training_backlog_s": Setting(
-                    30.0, "queued fine-tuning per replica, in seconds: past it, add a replica"
+                    5.0,
+                    "queued fine-tuning per replica, in seconds at the measured step speed: past it, add a "
+                    "replica. Small, because admission caps a queue (server.max_queued_trainings) and on a "
+                    "GPU a full one holds only seconds (docs/scaling.md)",
                 ),
                 "generations": Setting(16.0, "half of max_ongoing_requests generating at once"),
             },
