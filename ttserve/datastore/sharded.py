@@ -141,15 +141,19 @@ class ShardedDatastore:
     def sequences(self, ids: Sequence[int] | np.ndarray) -> list[StoredSequence]:
         """The sequences with these global ids, in the order given (repeats allowed), each from its shard."""
         ids = [int(i) for i in ids]
+        if not ids:
+            return []
         outside = [i for i in ids if not 0 <= i < len(self)]
         if outside:
             raise KeyError(f"sequence ids not in the datastore: {outside[:10]}")
         wanted: dict[int, list[int]] = {}
         for i in dict.fromkeys(ids):
             wanted.setdefault(bisect_right(self.first_ids, i) - 1, []).append(i)
-        # One call per owning shard, one after another: a prompt's picks are few, and evaluation reads
-        # whole stores, which no per-call deadline would fit.
-        found = {s.id: s for shard, part in wanted.items() for s in self.clients[shard].sequences(part)}
+        # One call per owning shard, all at once (a remote shard costs a round trip each), with no
+        # deadline: evaluation reads whole stores, which no per-call deadline would fit.
+        with ThreadPoolExecutor(max_workers=len(wanted), thread_name_prefix="shard-fetch") as pool:
+            parts = pool.map(lambda item: self.clients[item[0]].sequences(item[1]), wanted.items())
+            found = {s.id: s for part in parts for s in part}
         return [found[i] for i in ids]
 
     def _search(self, number: int, query: np.ndarray, k: int) -> ShardHits:
