@@ -77,3 +77,84 @@ def test_the_generator_policy_scales_on_training_backlog_and_generations():
     assert policy.replicas_for(busy_generating, 2) == pytest.approx(2.0)
     with pytest.raises(ValueError, match="positive"):
         GeneratorLoad(training_backlog_s=0)
+
+
+# --- the ingress's side: plan, then choose the handle (HandleBackend, with stand-in handles) -----------------
+class FakeHandle:
+    """Enough of a DeploymentHandle: `handle.options(...).method.remote(...)` calls `method` on `target`,
+    and every call is recorded with the adapter id it was routed by."""
+
+    def __init__(self, target, calls: list, options: dict | None = None):
+        self.target, self.calls, self.options_ = target, calls, options or {}
+
+    def options(self, **options):
+        return FakeHandle(self.target, self.calls, {**self.options_, **options})
+
+    def __getattr__(self, method: str):
+        handle = self
+
+        class Method:
+            def remote(self, *args):
+                handle.calls.append((method, handle.options_.get("multiplexed_model_id"), args))
+                return getattr(handle.target, method)(*args)
+
+        return Method()
+
+
+def backend_with(planner_target, generator_target):
+    from ttserve.config import PolicyConfig, ServerConfig, TrainingConfig
+    from ttserve.planning import RequestPlanner
+    from ttserve.policy import Policy
+    from ttserve.serving.app import HandleBackend
+
+    calls: list = []
+
+    async def unused(*_, **__):
+        raise AssertionError("the ingress never retrieves")
+
+    here = RequestPlanner(
+        retrieve=unused,
+        policy=Policy(PolicyConfig()),
+        training=TrainingConfig(),
+        model="m",
+        limits=ServerConfig(default_compute_budget=0, max_compute_budget=8),
+    )
+    backend = HandleBackend(FakeHandle(generator_target, calls), FakeHandle(planner_target, calls), here, "m")
+    return backend, calls
+
+
+def test_the_ingress_plans_base_requests_itself_and_routes_trained_ones_by_adapter_id():
+    import asyncio
+
+    from ttserve.contract import GenerateRequest, InvalidRequest, TrainingPlan, TTTOutcome
+
+    planned = TrainingPlan(TTTOutcome(budget=4, strategy="sift", planned_steps=4, adapter_id="abc"))
+
+    class Planner:
+        fail: Exception | None = None
+
+        async def plan(self, request, query):
+            if self.fail is not None:
+                raise self.fail
+            return planned
+
+    class Generator:
+        async def complete(self, request, plan):
+            return plan
+
+    planner = Planner()
+    backend, calls = backend_with(planner, Generator())
+    run = asyncio.new_event_loop().run_until_complete
+
+    base = run(backend.complete(GenerateRequest(prompt="def f():", compute_budget=0)))
+    assert base.steps == 0 and base.outcome.reason == "compute budget is 0"
+    assert [c[:2] for c in calls] == [("complete", None)]  # no hop to the Planner
+    calls.clear()
+    trained = run(backend.complete(GenerateRequest(prompt="def f():", compute_budget=4)))
+    assert trained is planned and [c[:2] for c in calls] == [("plan", None), ("complete", "abc")]
+    calls.clear()
+    planner.fail = RuntimeError("the Planner replica is gone")
+    assert run(backend.complete(GenerateRequest(prompt="def f():", compute_budget=4))) is None
+    assert [c[:2] for c in calls] == [("plan", None), ("complete", None)]  # the Generator plans it
+    with pytest.raises(InvalidRequest, match="above this server's maximum"):
+        run(backend.complete(GenerateRequest(prompt="def f():", compute_budget=9)))

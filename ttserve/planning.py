@@ -74,19 +74,30 @@ class RequestPlanner:
         """What decides an adapter's weights: the model, the picks trained on, the settings, the steps."""
         return AdapterKey.of(self.model, picks, self.training, steps)
 
+    def plan_before_retrieval(self, request: GenerateRequest, query: str) -> TrainingPlan | None:
+        """The plan when it needs no retrieval (budget 0, mode off, no datastore, no text); None when it
+        does. Raises `InvalidRequest` for a budget over the cap. Cheap: under Ray the ingress calls it, so
+        that a base-model request never waits for the Planner."""
+        outcome = TTTOutcome(budget=self.budget(request.compute_budget),
+                             strategy=request.strategy or self.default_strategy)  # fmt: skip
+        skip = self.policy.skip_before_retrieval(
+            request.mode, outcome.budget, query, self.retrieve is not None
+        )
+        if skip is None:
+            return None
+        outcome.reason = skip
+        return TrainingPlan(outcome)
+
     async def plan(self, request: GenerateRequest, query: str) -> TrainingPlan:
         """The plan for `request`, whose retrieval text is `query`. Raises `InvalidRequest` for a budget
         over the cap; a retrieval fault is not an error: the plan says `fallback` and why."""
         started = self.clock()
+        skipped = self.plan_before_retrieval(request, query)
+        if skipped is not None:
+            return skipped
         outcome = TTTOutcome(budget=self.budget(request.compute_budget),
                              strategy=request.strategy or self.default_strategy)  # fmt: skip
         plan = TrainingPlan(outcome)
-        skip = self.policy.skip_before_retrieval(
-            request.mode, outcome.budget, query, self.retrieve is not None
-        )
-        if skip is not None:
-            outcome.reason = skip
-            return plan
         assert self.retrieve is not None
         try:
             retrieval = await asyncio.wait_for(

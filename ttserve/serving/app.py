@@ -33,6 +33,7 @@ from ray.serve.handle import DeploymentHandle
 
 from ttserve.config import Settings, load_settings, served_model_name
 from ttserve.contract import GenerateRequest, ReplicaStats, RequestError, TrainingPlan
+from ttserve.planning import RequestPlanner
 from ttserve.serving.routing import ADAPTERS
 from ttserve.serving.sizing import deployment_options
 
@@ -175,11 +176,15 @@ class GeneratorDeployment:
 
 class HandleBackend:
     """The API's backend (serving/api.py's Backend) under Ray: plan with the Planner, then send the request
-    to the Generator replica its adapter routes to."""
+    to the Generator replica its adapter routes to. `here` makes the plans that need no retrieval (base
+    model requests) in the ingress itself, sparing them the hop."""
 
-    def __init__(self, generator: DeploymentHandle, planner: DeploymentHandle, model_id: str):
+    def __init__(
+        self, generator: DeploymentHandle, planner: DeploymentHandle, here: RequestPlanner, model_id: str
+    ):
         self.generator = generator
         self.planner = planner
+        self.here = here
         self.model_id = model_id
 
     async def plan(self, request: GenerateRequest) -> TrainingPlan | None:
@@ -189,6 +194,9 @@ class HandleBackend:
             query = request.retrieval_text()
             if query is None:  # token ids: only the model's tokenizer reads them (any replica will do)
                 query = await self.generator.query.remote(request)
+            skipped = self.here.plan_before_retrieval(request, query)
+            if skipped is not None:
+                return skipped
             return await self.planner.plan.remote(request, query)
         except RequestError:
             raise
@@ -224,8 +232,22 @@ class Ingress:
         config: str | None = None,
         overrides: dict[str, Any] | None = None,
     ):
-        self.settings = _settings(config, overrides)
-        self.backend = HandleBackend(generator, planner, served_model_name(self.settings))
+        from ttserve.policy import Policy
+
+        self.settings = settings = _settings(config, overrides)
+
+        async def retrieve(text: str, **options):  # what `here` would retrieve with (it plans without)
+            return await planner.retrieve.remote(text, **options)
+
+        here = RequestPlanner(
+            retrieve=retrieve,
+            policy=Policy(settings.policy),  # what decides before retrieval needs no gain model
+            training=settings.training,
+            model=served_model_name(settings),
+            limits=settings.server,
+            default_strategy=settings.retrieval.strategy,
+        )
+        self.backend = HandleBackend(generator, planner, here, served_model_name(settings))
 
     def __serve_build_asgi_app__(self):
         from ttserve.serving.api import build_api
