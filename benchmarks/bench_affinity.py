@@ -14,9 +14,9 @@ Workload per setup: `--prompts` distinct prompts, each sent `--repeats` times wi
 prompt's first request trains; every later one should reuse that adapter. Reported: the share of repeats
 that were reused, and how many trainings happened (ideal: one per prompt).
 
-Then, on the 3-replica ttserve setup, the extra hop: `--hops` calls of the Planner's `plan` through a
-handle for a budget-0 request (no retrieval: the pure cost of the round trip an ingress now makes before
-choosing a Generator), and for a budget-4 request (its retrieval included), p50 and p90.
+Then, on the 3-replica ttserve setup, handle round trips (`time_hops`): the Planner's `plan` for a
+budget-0 and a budget-4 request, and a no-op Generator call routed with and without an adapter id, p50
+and p90 over `--hops` rounds.
 """
 
 from __future__ import annotations
@@ -98,24 +98,36 @@ def run_workload(url: str, texts: list[str], repeats: int, concurrency: int, see
     }
 
 
-def time_planner_hop(hops: int) -> dict:
+def time_hops(hops: int) -> dict:
+    """Round trips from this process through handles, interleaved call by call so drift hits all alike:
+    the Planner's `plan` for a budget-0 request (no retrieval; since base requests are now planned in the
+    ingress, only requests that retrieve make this hop) and for a budget-4 one (its retrieval included);
+    and a Generator's `stats` (no work) routed without an adapter id (power of two choices) and with one
+    (ttserve's ranking): the cost of the routing itself."""
     from ray import serve
 
     from ttserve.contract import GenerateRequest
 
     planner = serve.get_deployment_handle("Planner", "ttserve")
-    results = {}
-    for budget in (0, 4):
-        request = GenerateRequest(prompt="def parse(path):", compute_budget=budget, mode="always")
-        for _ in range(5):
-            planner.plan.remote(request, request.prompt).result()
-        seconds = []
-        for _ in range(hops):
+    generator = serve.get_deployment_handle("Generator", "ttserve")
+    base = GenerateRequest(prompt="def parse(path):", compute_budget=0, mode="always")
+    trained = GenerateRequest(prompt="def parse(path):", compute_budget=4, mode="always")
+    calls = {
+        "plan_budget_0": lambda: planner.plan.remote(base, base.prompt).result(),
+        "plan_budget_4": lambda: planner.plan.remote(trained, trained.prompt).result(),
+        "generator_noop_no_adapter_id": lambda: generator.stats.remote().result(),
+        "generator_noop_with_adapter_id": lambda: (
+            generator.options(multiplexed_model_id="0123456789abcdef").stats.remote().result()
+        ),
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in calls}
+    for round_ in range(hops + 5):
+        for name, call in calls.items():
             started = time.perf_counter()
-            planner.plan.remote(request, request.prompt).result()
-            seconds.append(time.perf_counter() - started)
-        results[f"plan_budget_{budget}"] = percentiles(seconds)
-    return results
+            call()
+            if round_ >= 5:  # the first rounds warm up
+                seconds[name].append(time.perf_counter() - started)
+    return {name: percentiles(values) for name, values in seconds.items()}
 
 
 def main() -> None:
@@ -156,7 +168,7 @@ def main() -> None:
             )
             result["seconds"] = round(time.perf_counter() - started, 1)
             if name == "3 replicas, ttserve router":
-                result["planner_hop"] = time_planner_hop(args.hops)
+                result["hops"] = time_hops(args.hops)
             report["setups"][name] = result
             print(name, json.dumps(result), flush=True)
             serve.delete("ttserve")
