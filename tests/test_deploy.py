@@ -18,7 +18,7 @@ from ttserve.serving import sizing
 with warnings.catch_warnings():  # Ray Serve's pydantic models warn about pydantic v1 idioms on import
     warnings.simplefilter("ignore", DeprecationWarning)
     from ray import serve
-    from ray.serve.config import AutoscalingConfig
+    from ray.serve.config import AutoscalingConfig, AutoscalingPolicy, RequestRouterConfig
     from ray.serve.schema import (
         DeploymentSchema,
         HTTPOptionsSchema,
@@ -90,6 +90,8 @@ _SERVE_MODELS = {
     "deployment": DeploymentSchema,
     "ray_actor_options": RayActorOptionsSchema,
     "autoscaling_config": AutoscalingConfig,
+    "policy": AutoscalingPolicy,
+    "request_router_config": RequestRouterConfig,
 }
 
 
@@ -105,7 +107,12 @@ def _unknown_keys(data: dict, kind: str, where: str) -> list[str]:
         elif key == "deployments":
             for i, deployment in enumerate(value):
                 unknown += _unknown_keys(deployment, "deployment", f"{where}.deployments[{i}]")
-        elif key in ("ray_actor_options", "autoscaling_config") and isinstance(value, dict):
+        elif key in (
+            "ray_actor_options",
+            "autoscaling_config",
+            "policy",
+            "request_router_config",
+        ) and isinstance(value, dict):
             unknown += _unknown_keys(value, key, f"{where}.{key}")
     return unknown
 
@@ -123,9 +130,11 @@ def test_unknown_key_check_catches_typos():
     raw = _load(CONFIGS / "serve.yaml")
     _deployments(raw)["Ingress"]["autoscaling_config"]["target_ongoing_request"] = 3
     _deployments(raw)["Generator"]["ray_actor_options"]["num_gpu"] = 1
-    ServeDeploySchema.model_validate(raw)  # Ray accepts both typos...
+    _deployments(raw)["Generator"]["request_router_config"]["request_routing_stats_period"] = 1
+    ServeDeploySchema.model_validate(raw)  # Ray accepts the typos...
     assert _unknown_keys(raw, "", "c") == [  # ...this check does not
         "c.applications[0].deployments[0].autoscaling_config.target_ongoing_request",
+        "c.applications[0].deployments[2].request_router_config.request_routing_stats_period",
         "c.applications[0].deployments[2].ray_actor_options.num_gpu",
     ]
 
@@ -409,3 +418,29 @@ def test_crd_validation_requires_worker_group_names(crd_validator):
     manifest = copy.deepcopy(_rayservice())
     del manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["groupName"]
     assert any("'groupName' is a required property" in e for e in _errors(crd_validator, manifest))
+
+
+def test_ray_loads_the_generators_router_and_autoscaling_policy_as_configured():
+    """What Serve does with the names in the configs: import and pickle the router class, import (by value)
+    and instantiate the policy with its kwargs, then call it on a controller's context."""
+    from ray.serve._private.autoscaling_state import _resolve_policy_callable
+
+    from ttserve.serving.autoscaling import GENERATIONS, TRAINING_BACKLOG_S, GeneratorLoad
+    from ttserve.serving.routing import AdapterAffinityRouter
+
+    for profile in sizing.PROFILES:
+        router = RequestRouterConfig(
+            **sizing.deployment_options("Generator", profile)["request_router_config"]
+        )
+        router._serialize_request_router_cls()
+        assert router.get_request_router_class().__name__ == AdapterAffinityRouter.__name__
+    scaling = AutoscalingConfig(**sizing.deployment_options("Generator", "gpu")["autoscaling_config"])
+    scaling.policy.serialize_policy()
+    policy = _resolve_policy_callable(scaling.policy)
+    assert type(policy).__name__ == GeneratorLoad.__name__ and policy.training_backlog_s == 5.0
+    context = type("Context", (), {"aggregated_metrics": {TRAINING_BACKLOG_S: {"r1": 12.0}, GENERATIONS: {"r1": 3.0}},
+                                    "total_queued_requests": 0})()  # fmt: skip
+    assert policy(context) == (pytest.approx(12.0 / 5.0), {})
+    for profile in sizing.PROFILES:  # each Shard<i> deployment is built with these options
+        options = sizing.deployment_options(sizing.SHARD, profile)
+        assert serve.deployment(name="Shard0", **options)(type("Shard0", (), {})).max_ongoing_requests == 16
