@@ -456,3 +456,20 @@ def test_a_degraded_retrieval_still_plans_and_says_what_was_missing(rig):
     assert ttt.decision == "trained" and ttt.reason.endswith(
         "retrieval degraded: shard-001 failed (TimeoutError: late)"
     )
+
+
+def test_adapters_are_reused_only_between_requests_with_the_same_salt(rig):
+    r = rig()
+
+    def ask_salted(salt):
+        request = GenerateRequest(
+            prompt="import json", max_tokens=8, compute_budget=2, mode="always", cache_salt=salt
+        )
+        return r.run(r.pipeline.complete(request))[0].ttt
+
+    first, again = ask_salted("tenant-a"), ask_salted("tenant-a")
+    other, unsalted = ask_salted("tenant-b"), ask_salted(None)
+    assert (first.decision, again.decision) == ("trained", "reused") and again.adapter_id == first.adapter_id
+    assert other.decision == unsalted.decision == "trained"  # same picks, same steps: another tenant's key
+    assert len({first.adapter_id, other.adapter_id, unsalted.adapter_id}) == 3 and len(r.trainer.calls) == 3
+    assert first.selected_ids == other.selected_ids == unsalted.selected_ids

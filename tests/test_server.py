@@ -568,3 +568,43 @@ def test_a_deadline_mid_training_answers_with_the_adapter_of_the_steps_taken(
             loop_thread.run(parts.engine.remove_adapter(alone))
     finally:
         pipeline.close()
+
+
+def test_adapters_are_not_shared_across_api_keys_unless_salting_is_off(running):
+    """Adapter reuse is a timing side channel between tenants: with API keys, one key never gets an adapter
+    another key trained (as vLLM's cache_salt keeps prefix-cache hits within a salt)."""
+    from ttserve.serving.api import build_api
+
+    def serve_with(**server):
+        config = running.settings.server.model_copy(update=server)
+        return ServerThread(
+            build_api(running.replica, running.settings.model_copy(update={"server": config}))
+        )
+
+    def ask(server, key: str, prompt: str, **extra):
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0)
+        response = client.completions.create(
+            model="tiny-test", prompt=prompt, max_tokens=4, temperature=0,
+            extra_body={"compute_budget": 2, "ttt": {"mode": "always"}, **extra},
+        )  # fmt: skip
+        return ttt_of(response)
+
+    keys = {"api_key": SecretStr("key-a"), "api_keys": [SecretStr("key-b")]}
+    salted = serve_with(**keys)
+    shared = serve_with(**keys, salt_adapters_by_key=False)
+    try:
+        prompt = "def tenant_isolation(a, b):\n    return"
+        a = ask(salted, "key-a", prompt)
+        assert a["decision"] == "trained" and ask(salted, "key-a", prompt)["decision"] == "reused"
+        b = ask(salted, "key-b", prompt)
+        assert b["decision"] == "trained" and b["adapter_id"] != a["adapter_id"]
+        assert b["selected_ids"] == a["selected_ids"]  # the same selection: only the salt differs
+        # Salting off: the keys share adapters again; a request's own cache_salt still separates.
+        prompt = "def shared_between_keys(a, b):\n    return"
+        first = ask(shared, "key-a", prompt)
+        assert ask(shared, "key-b", prompt)["adapter_id"] == first["adapter_id"]
+        alone = ask(shared, "key-b", prompt, cache_salt="mine")
+        assert alone["decision"] == "trained" and alone["adapter_id"] != first["adapter_id"]
+    finally:
+        salted.stop()
+        shared.stop()

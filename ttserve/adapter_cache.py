@@ -44,17 +44,24 @@ class AdapterKey:
     selected_ids: tuple[int, ...]  # datastore sequence ids in training order
     training: str  # the training hyperparameters as canonical JSON
     steps: int
+    salt: str = ""  # who may share it (ServerConfig.salt_adapters_by_key): "" for everyone
 
     @classmethod
     def of(
-        cls, base_model: str, selected_ids: Sequence[int], training: TrainingConfig, steps: int
+        cls,
+        base_model: str,
+        selected_ids: Sequence[int],
+        training: TrainingConfig,
+        steps: int,
+        salt: str | None = None,
     ) -> AdapterKey:
         canonical = json.dumps(training.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-        return cls(base_model, tuple(int(i) for i in selected_ids), canonical, int(steps))
+        return cls(base_model, tuple(int(i) for i in selected_ids), canonical, int(steps), salt or "")
 
     @property
     def digest(self) -> str:
-        payload = json.dumps([self.base_model, self.selected_ids, self.training, self.steps])
+        fields = [self.base_model, self.selected_ids, self.training, self.steps]
+        payload = json.dumps([*fields, self.salt] if self.salt else fields)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

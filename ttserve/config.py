@@ -208,6 +208,13 @@ class ServerConfig(_Section):
     served_model_name: str | None = None
     # Bearer token clients must send (Authorization: Bearer ...). None: no authentication.
     api_key: SecretStr | None = None
+    # More accepted tokens, one per tenant (any of these or `api_key` authenticates).
+    api_keys: list[SecretStr] = []
+    # Adapter reuse across requests is a timing side channel: a fast answer tells a client that someone
+    # asked something with the same selection (as vLLM's prefix cache did; it added `cache_salt`). Salted
+    # by the API key, adapters are only ever reused within the key that trained them. None: on when API
+    # keys are configured. A request's own `cache_salt` narrows reuse further either way.
+    salt_adapters_by_key: bool | None = None
     # compute_budget: the most test-time training steps a request may spend. Requests that leave it out get
     # the default; a request above the maximum is refused (400), so a client never silently gets less.
     default_compute_budget: int = Field(16, ge=0)

@@ -178,6 +178,9 @@ class GenerateRequest:
     n: int | None = None
     prompt_logprobs: int | None = None  # echo + logprobs: score the prompt with this many top logprobs
     request_id: str | None = None
+    # Adapters are reused only between requests with the same salt (the tenant's, and the request's own
+    # `cache_salt`): see ServerConfig.salt_adapters_by_key.
+    cache_salt: str | None = None
 
     def retrieval_text(self) -> str | None:
         """The text retrieval searches with: the messages' contents, or the prompt. None for a prompt of token

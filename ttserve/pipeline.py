@@ -178,7 +178,8 @@ class RequestPipeline:
         if steps == 0:
             return outcome, None
         picks = outcome.selected_ids
-        key = self.planner.adapter_key(picks[:steps], steps)
+        salt = request.cache_salt
+        key = self.planner.adapter_key(picks[:steps], steps, salt)
         outcome.adapter_id = key.digest
         lease = self.adapters.acquire(key)
         if lease is None:
@@ -190,7 +191,11 @@ class RequestPipeline:
 
             def trained_key(run: TrainingRun) -> AdapterKey:
                 # Cut short after k steps, the adapter is exactly the k-step adapter of the texts it drew from.
-                return self.planner.adapter_key(picks[: run.sequences], run.steps) if run.cut_short else key
+                return (
+                    self.planner.adapter_key(picks[: run.sequences], run.steps, salt)
+                    if run.cut_short
+                    else key
+                )
 
             try:
                 lease = await self.adapters.get_or_train(

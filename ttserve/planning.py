@@ -70,9 +70,10 @@ class RequestPlanner:
             )
         return requested
 
-    def adapter_key(self, picks: list[int], steps: int) -> AdapterKey:
-        """What decides an adapter's weights: the model, the picks trained on, the settings, the steps."""
-        return AdapterKey.of(self.model, picks, self.training, steps)
+    def adapter_key(self, picks: list[int], steps: int, salt: str | None = None) -> AdapterKey:
+        """What decides an adapter's weights (the model, the picks trained on, the settings, the steps),
+        and who may share it (`salt`)."""
+        return AdapterKey.of(self.model, picks, self.training, steps, salt)
 
     def plan_before_retrieval(self, request: GenerateRequest, query: str) -> TrainingPlan | None:
         """The plan when it needs no retrieval (budget 0, mode off, no datastore, no text); None when it
@@ -124,7 +125,8 @@ class RequestPlanner:
             outcome.reason = f"{outcome.reason}; retrieval degraded: {retrieval.degraded}"
         outcome.planned_steps = planned.steps
         if planned.steps:
-            outcome.adapter_id = self.adapter_key(outcome.selected_ids[: planned.steps], planned.steps).digest
+            picks = outcome.selected_ids[: planned.steps]
+            outcome.adapter_id = self.adapter_key(picks, planned.steps, request.cache_salt).digest
         plan.texts = retrieval.texts[: planned.steps]
         plan.variances = [float(v) for v in retrieval.variances]
         plan.planning_seconds = self.clock() - started

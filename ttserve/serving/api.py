@@ -12,6 +12,7 @@ library, so the ingress runs on a fraction of a CPU (tests/test_architecture.py 
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import time
 from collections.abc import AsyncIterator
@@ -119,11 +120,16 @@ async def _guard(request: Request, call_next) -> Response:
 async def _refusal(request: Request, settings: Settings, in_flight: int) -> APIError | None:
     """Why a request is refused before it is parsed (None: let it in)."""
     server, path = settings.server, request.url.path
-    if server.api_key is not None and path.startswith("/v1/"):
-        given = request.headers.get("authorization", "")
-        expected = f"Bearer {server.api_key.get_secret_value()}"
-        if not hmac.compare_digest(given.encode(), expected.encode()):
+    keys = accepted_keys(settings)
+    request.state.tenant_salt = None
+    if keys and path.startswith("/v1/"):
+        given = request.headers.get("authorization", "").encode()
+        # Every key is compared (no early exit), so the time taken does not say which one came close.
+        matches = [hmac.compare_digest(given, f"Bearer {key}".encode()) for key in keys]
+        if not any(matches):
             return APIError.unauthorized("missing or invalid API key (Authorization: Bearer ...)")
+        if server.salt_adapters_by_key is not False:
+            request.state.tenant_salt = tenant_salt(keys[matches.index(True)])
     if request.method != "POST":
         return None
     length = request.headers.get("content-length")
@@ -136,3 +142,15 @@ async def _refusal(request: Request, settings: Settings, in_flight: int) -> APIE
     if generating and in_flight >= server.max_concurrent_requests:
         return APIError.rate_limited(f"{in_flight} requests in flight; retry later")
     return None
+
+
+def accepted_keys(settings: Settings) -> list[str]:
+    """The API keys that authenticate: `server.api_key` and `server.api_keys`."""
+    server = settings.server
+    keys = [server.api_key] if server.api_key is not None else []
+    return [key.get_secret_value() for key in [*keys, *server.api_keys]]
+
+
+def tenant_salt(key: str) -> str:
+    """What a key's adapters are salted with: derived from the key, never the key itself."""
+    return hashlib.sha256(b"ttserve adapter salt\0" + key.encode()).hexdigest()[:16]

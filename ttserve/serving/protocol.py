@@ -265,6 +265,9 @@ class _SamplingRequest(_RequestModel):
     # Test-time training steps; None means the server default. The server enforces its own maximum.
     compute_budget: Int | None = Field(None, ge=0)
     ttt: TTTOptions | None = None
+    # As vLLM's: requests reuse each other's adapters only when their salts are equal (and, with API keys,
+    # only within a key: ServerConfig.salt_adapters_by_key).
+    cache_salt: str | None = Field(None, min_length=1, max_length=256)
 
     @field_validator("n")
     @classmethod
@@ -316,6 +319,7 @@ class _SamplingRequest(_RequestModel):
             ),
             compute_budget=self.compute_budget,
             request_id=uuid.uuid4().hex,
+            cache_salt=self.cache_salt,
             **ttt.model_dump(),  # strategy, lam, mode, deadline_s, n: the same names in GenerateRequest
             **prompt,
         )

@@ -35,12 +35,19 @@ async def answer(request: Request, body: ChatCompletionRequest | CompletionReque
     received, so errors before it are HTTP errors) or the whole answer in one call."""
     check_model(request, body.model)
     generate = body.to_generate_request()
+    generate.cache_salt = salted(getattr(request.state, "tenant_salt", None), generate.cache_salt)
     response_id = f"{id_prefix}-{uuid.uuid4().hex}"
     if body.stream:
         events, started = await start_stream(request, generate)
         return Answer(response_id, started, events=events)
     started, whole = await complete(request, generate)
     return Answer(response_id, started, whole=whole)
+
+
+def salted(tenant: str | None, requested: str | None) -> str | None:
+    """The adapter salt of a request: its tenant's (by API key) and its own `cache_salt`, both kept."""
+    parts = [part for part in (tenant, requested) if part]
+    return "\0".join(parts) if parts else None
 
 
 def check_model(request: Request, model: str) -> None:
