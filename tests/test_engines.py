@@ -296,9 +296,15 @@ def test_vllm_cpu_kernels_leak_lora_without_the_guard(vllm_bundle):
 
 
 def test_transformers_engine_serves_while_the_same_weights_train(transformers_bundle):
-    """Inference interleaves with training on the shared model and never sees the adapter being trained."""
+    """Inference runs beside training, on the same base weights, and never sees the adapter being trained."""
     bundle = transformers_bundle
-    assert bundle.engine.model is bundle.trainer.model  # one copy of the base weights
+    serving, training = bundle.engine.model, bundle.trainer.model
+    assert serving is not training  # two module trees ...
+    served = dict(serving.named_parameters())
+    base = [(name, p) for name, p in training.named_parameters() if "lora_" not in name]
+    assert base and all(served[name] is p for name, p in base)  # ... over one copy of the base weights
+    with bundle.trainer.shared.training_lock:  # a training step in progress does not hold inference up
+        assert bundle.generate(bundle.ids(PROMPTS[0])).token_ids
     expected = {
         (p, n): bundle.generate(bundle.ids(p), adapter=n).token_ids for p in PROMPTS for n in (None, "A")
     }

@@ -473,3 +473,26 @@ def test_adapters_are_reused_only_between_requests_with_the_same_salt(rig):
     assert other.decision == unsalted.decision == "trained"  # same picks, same steps: another tenant's key
     assert len({first.adapter_id, other.adapter_id, unsalted.adapter_id}) == 3 and len(r.trainer.calls) == 3
     assert first.selected_ids == other.selected_ids == unsalted.selected_ids
+
+
+def test_the_training_thread_runs_below_the_other_threads():
+    """Linux schedules threads by their own nice value: lowering the training thread's leaves the rest of
+    the process (the event loop, inference) where it was."""
+    import os
+    import time
+
+    from ttserve.threads import TrainingThread
+
+    def nice() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    training = TrainingThread(ScriptedTrainer(), time.monotonic)
+    loop = asyncio.new_event_loop()
+    try:
+        before = nice()
+        loop.run_until_complete(training.lower_priority(7))
+        assert training._executor.submit(nice).result() == min(19, before + 7)
+        assert nice() == before
+    finally:
+        training.close()
+        loop.close()

@@ -146,6 +146,11 @@ class TrainingConfig(_Section):
     # Torch intra-op threads of the replica's training thread. None: what torch would use in the process
     # (OMP_NUM_THREADS, else every CPU it may run on). See ttserve/threads.py for the CPU split.
     cpu_threads: PositiveInt | None = None
+    # How far below the replica's other threads the training thread is scheduled (Linux nice, 0-19): a
+    # base-model request's next token comes before someone else's next training step, and training gets
+    # the CPU left over. 0: equal shares (the trainer then slows base traffic down; BENCHMARKS.md,
+    # "Isolation").
+    cpu_niceness: int = Field(10, ge=0, le=19)
     seed: int = 0
 
 

@@ -1,28 +1,35 @@
-"""The served model, wrapped once with PEFT, shared by the trainer and the transformers engine.
+"""The served model, wrapped with PEFT twice over one copy of the base weights: one module tree for the
+trainer, one for the transformers engine.
 
-One copy of the base weights serves inference and test-time training. What makes that safe is kept here,
-in one class, rather than spread over its users:
+What makes sharing the weights safe is kept here, in one class, rather than spread over its users:
 
-- **One lock.** Every touch of the model holds `SharedModel.lock`: an inference forward pass (`routed`), a
-  training step (`training_step`), loading or unloading an adapter, reading or saving the adapter being
-  trained. Inference and training therefore interleave pass by pass and never overlap.
-- **Routing.** The trainer's adapter lives under `TRAINING_ADAPTER`; served adapters are loaded beside it
-  under their own names. `routed(name)` points every LoRA layer at one adapter (or switches them all off for
-  the base model) for the length of one forward pass and points them back at the training adapter before
-  the lock is released, so a request only ever runs with the adapter it asked for and never with the one
-  being trained.
+- **Two trees, one set of weights.** The serving tree is a copy of the training tree's modules that holds
+  the very same base-weight tensors (frozen: nothing writes them), and LoRA layers of its own. A training
+  step and an inference pass can therefore run at the same time, on different threads, each in its own
+  tree: a base-model request never waits for someone else's fine-tuning step. Each tree has its lock
+  (`serving_lock`: inference passes and adapter loads; `training_lock`: training steps, reading and saving
+  the trained adapter), and nothing holds both.
+- **Routing.** Served adapters are loaded into the serving tree under their own names. `routed(name)`
+  points every LoRA layer of that tree at one adapter (or switches them all off for the base model) for
+  the length of one forward pass, under the serving lock, so a request only ever runs with the adapter it
+  asked for. The adapter being trained lives in the training tree only: no request can be routed to it.
 - **PEFT internals.** Routing writes two private attributes of PEFT's `BaseTunerLayer`
   (`_active_adapter`, `_disable_adapters`); this is the only module that does, and pyproject.toml pins PEFT
   to the versions it was checked on. The public alternatives were measured and rejected: per-call
   `adapter_names` walks every module on every forward pass, so latency grows with the number of cached
   adapters, and `set_adapter` also flips `requires_grad` on the parameters the trainer optimises.
+
+The CPU the two trees compete for is shared out by threads.py (the training thread runs at a lower
+scheduling priority, so inference passes come first).
 """
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -60,42 +67,57 @@ class SharedModel:
         self.peft.eval()  # train mode only inside training_step: inference never sees dropout
         self.trainable_parameters = [p for p in self.peft.parameters() if p.requires_grad]
         self._initial = [p.detach().clone() for p in self.trainable_parameters]
-        self.lock = threading.Lock()
-        # The LoRA layers, found once: loading an adapter adds entries inside these same layers.
-        self._lora_layers = [m for m in self.peft.modules() if isinstance(m, BaseTunerLayer)]
-        self._training_route = [
-            (layer._active_adapter, layer._disable_adapters) for layer in self._lora_layers
-        ]
+        self.training_lock = threading.Lock()
+        self.serving_lock = threading.Lock()
+
+    @cached_property
+    def serving(self) -> torch.nn.Module:
+        """The serving tree, built on first use (the transformers engine builds it when it starts; a trainer
+        beside vLLM never needs one): new modules, the same frozen base tensors (deepcopy's memo maps each
+        to itself), and a copy of the training adapter that is never routed to."""
+        frozen = {id(p): p for p in self.peft.parameters() if not p.requires_grad}
+        with self.training_lock:
+            tree = copy.deepcopy(self.peft, memo=frozen)
+        for parameter in tree.parameters():
+            parameter.requires_grad_(False)
+        # Its LoRA layers, found once: loading an adapter adds entries inside these same layers.
+        self._lora_layers = [m for m in tree.modules() if isinstance(m, BaseTunerLayer)]
+        for layer in self._lora_layers:  # between passes: the base model
+            layer._disable_adapters = True
+        return tree
 
     # --- inference ----------------------------------------------------------------------------------------
     @contextmanager
     def routed(self, adapter: str | None) -> Iterator[torch.nn.Module]:
-        """The model for one inference pass, locked, every LoRA layer routed to `adapter` (None: the base
-        model, all LoRA off; TRAINING_ADAPTER: the adapter being trained, for evaluation)."""
-        with self.lock, torch.inference_mode():
+        """The serving tree for one inference pass, locked, every LoRA layer routed to `adapter` (None: the
+        base model, all LoRA off). The adapter being trained is not in this tree."""
+        if adapter == TRAINING_ADAPTER:
+            raise ValueError("the adapter being trained cannot serve requests; save and load it first")
+        serving = self.serving
+        with self.serving_lock, torch.inference_mode():
             for layer in self._lora_layers:
                 layer._disable_adapters = adapter is None
                 if adapter is not None:
                     layer._active_adapter = [adapter]
             try:
-                yield self.peft.get_base_model()
+                yield serving.get_base_model()
             finally:
-                for layer, (active, disabled) in zip(self._lora_layers, self._training_route, strict=True):
-                    layer._active_adapter, layer._disable_adapters = active, disabled
+                for layer in self._lora_layers:
+                    layer._disable_adapters = True
 
     def load_adapter(self, path: str | Path, name: str) -> None:
-        with self.lock:
-            self.peft.load_adapter(str(path), adapter_name=name, is_trainable=False)
+        with self.serving_lock:
+            self.serving.load_adapter(str(path), adapter_name=name, is_trainable=False)
 
     def delete_adapter(self, name: str) -> None:
-        with self.lock:
-            self.peft.delete_adapter(name)
+        with self.serving_lock:
+            self.serving.delete_adapter(name)
 
     # --- training -----------------------------------------------------------------------------------------
     def reset_training_adapter(self) -> None:
         """Back to the fresh adapter's initial values (lora_A's seeded draw, lora_B's zeros).
 
-        No lock: inference is never routed to the training adapter, so nothing else reads these tensors.
+        No lock: only the training thread uses the training tree's adapter.
         """
         with torch.no_grad():
             for parameter, initial in zip(self.trainable_parameters, self._initial, strict=True):
@@ -103,8 +125,8 @@ class SharedModel:
 
     @contextmanager
     def training_step(self) -> Iterator[torch.nn.Module]:
-        """The PEFT model in train mode for one forward + backward + optimizer step, locked."""
-        with self.lock, torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast_bf16):
+        """The training tree in train mode for one forward + backward + optimizer step, locked."""
+        with self.training_lock, torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocast_bf16):
             self.peft.train()
             try:
                 yield self.peft
@@ -113,12 +135,12 @@ class SharedModel:
 
     def training_adapter_state(self) -> dict[str, torch.Tensor]:
         """The adapter being trained, in PEFT's saved format (CPU copies)."""
-        with self.lock:
+        with self.training_lock:
             state = get_peft_model_state_dict(self.peft, adapter_name=TRAINING_ADAPTER)
         return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
     def save_training_adapter(self, directory: str | Path) -> Path:
         """Write the adapter being trained in standard PEFT format (adapter_model.safetensors + config)."""
-        with self.lock:
+        with self.training_lock:
             self.peft.save_pretrained(str(directory), selected_adapters=[TRAINING_ADAPTER])
         return Path(directory)

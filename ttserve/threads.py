@@ -14,8 +14,9 @@
 
 Shared state between threads is kept to three places, each with its own lock:
 
-- `SharedModel.lock` (shared_model.py): the transformers path's model. Every forward pass, training step and
-  adapter load holds it, so training and inference on one copy of the weights interleave pass by pass.
+- `SharedModel.serving_lock` and `.training_lock` (shared_model.py): the model's two module trees over one
+  copy of the base weights. Inference passes and adapter loads hold the first, training steps the second,
+  so a base-model request's tokens never wait for someone else's training step.
 - `TestTimeTrainer`'s session lock: a trainer holds one adapter, so one session at a time. On a replica
   only the training thread trains, so it is never contended there; it guards direct library use.
 - `Embedder`'s lock: Hugging Face fast tokenizers are not thread-safe, and one forward pass already uses
@@ -38,11 +39,16 @@ step ran about twice as slow as alone. Single-thread inference builds no team. D
 gains from a second thread (memory and Python bound); prefilling a long prompt does, which is the split's
 cost (BENCHMARKS.md, "Torch threads").
 `GeneratorReplica.start` assigns the counts, training thread first (see `set_torch_threads`).
+
+**Priority.** The training thread (and the worker threads torch creates for it, which inherit it) runs
+`training.cpu_niceness` below the rest (`lower_thread_priority`): when inference and training want the
+same core, the next token goes first and training takes what is left (BENCHMARKS.md, "Isolation").
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -96,6 +102,16 @@ def set_torch_threads(count: int) -> None:
     torch.set_num_threads(count)
 
 
+def lower_thread_priority(niceness: int) -> bool:
+    """Add `niceness` to the calling thread's nice value (Linux: per thread). False where unsupported."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + niceness))
+    except (AttributeError, OSError):
+        return False
+    return True
+
+
 class TrainingStopped(Exception):
     """Training was admitted but stopped before its first step (deadline, cancellation); the reason goes
     into the answer, which the base model then gives. (Stopped after k > 0 steps, the run is returned: its
@@ -120,6 +136,12 @@ class TrainingThread:
     async def set_torch_threads(self, count: int) -> None:
         """`set_torch_threads(count)` on the training thread."""
         await asyncio.get_running_loop().run_in_executor(self._executor, set_torch_threads, count)
+
+    async def lower_priority(self, niceness: int) -> None:
+        """Run the training thread `niceness` steps below the rest of the process (Linux threads have their
+        own nice value). Call before it trains: the worker threads torch starts for it inherit the value
+        when they are created. Elsewhere, or without permission, it stays as it is."""
+        await asyncio.get_running_loop().run_in_executor(self._executor, lower_thread_priority, niceness)
 
     def refusal(self, steps: int, deadline: float, max_queued: int) -> str | None:
         """Why a new training of `steps` steps must not start (None: admit it)."""

@@ -1,14 +1,16 @@
 """The transformers + PEFT engine: the embedded default, for small models and CPU hosts.
 
-It serves from the trainer's own PEFT-wrapped model (`SharedModel`), so the base weights exist once in
-memory. Adapters are loaded into that model under their own names, and each forward pass runs inside
-`SharedModel.routed(adapter)`, which holds the model's one lock and routes every LoRA layer to the
-request's adapter (or none) for that pass only. How and why is in shared_model.py.
+It serves from the serving tree of the trainer's `SharedModel`: its own modules over the trainer's base
+weights, so the weights exist once in memory and inference never waits for a training step. Adapters are
+loaded into that tree under their own names, and each forward pass runs inside
+`SharedModel.routed(adapter)`, which holds the tree's lock and routes every LoRA layer to the request's
+adapter (or none) for that pass only. How and why is in shared_model.py.
 
 Concurrency: each request decodes in a thread of this engine's pool, one forward pass at a time under the
-shared lock, so requests and training steps interleave token by token (ttserve/threads.py has the whole
-picture). Batching across requests is left out: on the small models this engine is for, one sequence per
-forward is already latency-bound, and vLLM is the engine for throughput.
+serving lock, so concurrent requests interleave token by token, and training runs beside them on its own
+thread (ttserve/threads.py has the whole picture). Batching across requests is left out: on the small
+models this engine is for, one sequence per forward is already latency-bound, and vLLM is the engine for
+throughput.
 """
 
 from __future__ import annotations
@@ -30,11 +32,12 @@ class TransformersEngine(Engine):
     def __init__(self, shared: SharedModel, max_model_len: int | None = None, max_concurrency: int = 16):
         super().__init__()
         self.shared = shared
+        shared.serving  # noqa: B018 - built now, before any request or training can run
         self.tokenizer = shared.tokenizer
         self.model_name = shared.name
         self.device = shared.device
         self.max_model_len = min(max_model_len or shared.max_length, shared.max_length)
-        # Decoding threads, and the thread that loads and unloads adapters: all wait on the shared lock.
+        # Decoding threads, and the thread that loads and unloads adapters: all wait on the serving lock.
         self._executor = ThreadPoolExecutor(max_concurrency, thread_name_prefix="ttserve-generate")
         eos = shared.loaded.model.generation_config.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
@@ -44,8 +47,8 @@ class TransformersEngine(Engine):
 
     @property
     def model(self) -> torch.nn.Module:
-        """The PEFT-wrapped model this engine serves from: the trainer's own."""
-        return self.shared.peft
+        """The PEFT-wrapped model this engine serves from: the serving tree over the trainer's weights."""
+        return self.shared.serving
 
     async def _in_thread(self, function: Callable, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)

@@ -62,6 +62,7 @@ class GeneratorReplica:
         )
         # The CPU split (threads.py): the training thread first, then everything that runs torch later.
         await self.pipeline.training.set_torch_threads(training_threads)
+        await self.pipeline.training.lower_priority(settings.training.cpu_niceness)
         set_torch_threads(settings.engine.cpu_threads)
         return self
 
