@@ -179,6 +179,17 @@ def test_chat_request_normalisation():
     assert req.chat_messages()[0] == {"role": "system", "content": "a\nb"}
 
 
+def test_sampling_below_float_precision_is_what_it_means():
+    """temperature 1e-300 overflowed logits / temperature and top_p 5e-324 is 0 in float32 (both were 500s):
+    under 1e-5 the temperature is greedy (vLLM's rule); under 1e-9 top_p keeps the top token, as 1e-9 does."""
+    tiny = CompletionRequest.model_validate(COMPLETION | {"temperature": 1e-300, "top_p": 5e-324})
+    sampling = tiny.to_generate_request().sampling
+    assert (sampling.temperature, sampling.top_p) == (0.0, 1e-9)
+    exact = CompletionRequest.model_validate(COMPLETION | {"temperature": 1e-5, "top_p": 0.5, "seed": -1})
+    sampling = exact.to_generate_request().sampling
+    assert (sampling.temperature, sampling.top_p, sampling.seed) == (1e-5, 0.5, -1)
+
+
 def test_completion_request_prompt_shapes():
     assert CompletionRequest.model_validate(COMPLETION).prompt == "Faiss builds"
     assert (
@@ -186,6 +197,9 @@ def test_completion_request_prompt_shapes():
     )
     tokens = CompletionRequest.model_validate(COMPLETION | {"prompt": [[5, 6, 7]]})
     assert tokens.prompt == [5, 6, 7] and tokens.prompt_is_tokens
+    # 6.0 is an integer to JSON Schema (and to every other integer field here); 6.5 is no token id.
+    assert CompletionRequest.model_validate(COMPLETION | {"prompt": [5, 6.0]}).prompt == [5, 6]
+    assert refusal(CompletionRequest, COMPLETION | {"prompt": [5, 6.5]}).param == "prompt"
     req = CompletionRequest.model_validate(
         COMPLETION | {"prompt": [5, 6], "max_tokens": 0, "echo": True, "logprobs": 2}
     )
@@ -228,6 +242,12 @@ CHAT_REFUSALS = [
     ({"ttt": {"mode": "sometimes"}}, "ttt.mode"),
     ({"ttt": {"deadline_s": -2}}, "ttt.deadline_s"),
     ({"ttt": {"n": 0}}, "ttt.n"),
+    ({"seed": 2**64}, "seed"),  # torch's generators take 64 bits: a larger seed was a 500
+    ({"seed": -(2**63) - 1}, "seed"),
+    ({"model": "tiny\ud800"}, "model"),  # unpaired surrogates: no tokenizer, hash or UTF-8 takes them
+    ({"messages": [{"role": "user", "content": "\udc00"}]}, "messages.0.content"),
+    ({"stop": ["\ud800"]}, "stop"),
+    ({"cache_salt": "\ud800"}, "cache_salt"),
 ]
 
 

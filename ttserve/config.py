@@ -230,6 +230,9 @@ class ServerConfig(_Section):
     max_queued_trainings: PositiveInt = 16  # per generator replica; beyond this, requests skip training
     max_concurrent_requests: PositiveInt = 256  # per ingress; beyond this, 429
     max_request_bytes: PositiveInt = 8 * 2**20  # larger bodies get 413
+    # Seconds a request body may take to arrive; a slower one gets 408. uvicorn never times a body out, so a
+    # slow-loris client would otherwise hold its connection and its task for as long as it liked.
+    body_timeout_s: float = Field(60.0, gt=0)
     retrieval_timeout_s: float = Field(30.0, gt=0)
 
 

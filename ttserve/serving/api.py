@@ -12,11 +12,12 @@ library, so the ingress runs on a fraction of a CPU (tests/test_architecture.py 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import time
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -44,7 +45,12 @@ class Backend(Protocol):
 
 
 def build_api(backend: Backend, settings: Settings) -> FastAPI:
-    app = FastAPI(title="ttserve", summary="OpenAI-compatible LLM serving with test-time training")
+    # One schema per model: the responses' own serializers would otherwise document them as any object.
+    app = FastAPI(
+        title="ttserve",
+        summary="OpenAI-compatible LLM serving with test-time training",
+        separate_input_output_schemas=False,
+    )
     app.state.backend = backend
     app.state.settings = settings
     app.state.metrics = Metrics()
@@ -55,7 +61,44 @@ def build_api(backend: Backend, settings: Settings) -> FastAPI:
     app.middleware("http")(_guard)
     for routes in (chat, completions, models, operations):
         app.include_router(routes.router)
+    app.openapi = lambda: _openapi(app)
     return app
+
+
+# pydantic writes a bound on an optional field whose type has its own validator (`Int | None = Field(ge=0)`)
+# under the constraint's Python name, which JSON Schema ignores: the document would allow -1.
+_BOUNDS = {"ge": "minimum", "gt": "exclusiveMinimum", "le": "maximum", "lt": "exclusiveMaximum"}
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's OpenAPI document, corrected to what the server does: errors are OpenAI error bodies with
+    the statuses each route documents (errors.documented), never FastAPI's 422 validation body, and every
+    bound is a JSON Schema keyword. Clients and schema-driven tests (tests/test_hostile.py) read it."""
+    if app.openapi_schema is None:
+        schema = FastAPI.openapi(app)
+        for path in schema["paths"].values():
+            for operation in path.values():
+                if "HTTPValidationError" in str(operation["responses"].get("422", "")):
+                    del operation["responses"]["422"]
+        components = schema.get("components", {}).get("schemas", {})
+        components.pop("HTTPValidationError", None)
+        components.pop("ValidationError", None)
+        _rename_bounds(components)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+def _rename_bounds(node: Any) -> None:
+    if isinstance(node, dict):
+        if "type" in node:
+            for name, keyword in _BOUNDS.items():
+                if name in node:
+                    node[keyword] = node.pop(name)
+        for value in node.values():
+            _rename_bounds(value)
+    elif isinstance(node, list):
+        for value in node:
+            _rename_bounds(value)
 
 
 async def _api_error(_: Request, error: APIError) -> Response:
@@ -70,7 +113,8 @@ async def _http_error(request: Request, error: StarletteHTTPException) -> Respon
     if error.status_code == 404:
         return error_response(APIError.not_found(f"no route {request.method} {request.url.path}"))
     kind = "invalid_request_error" if error.status_code < 500 else "server_error"
-    return error_response(APIError(error.status_code, str(error.detail), kind))
+    # headers: a 405 names the methods allowed (Allow), as HTTP requires.
+    return error_response(APIError(error.status_code, str(error.detail), kind), error.headers)
 
 
 async def _guard(request: Request, call_next) -> Response:
@@ -123,10 +167,12 @@ async def _refusal(request: Request, settings: Settings, in_flight: int) -> APIE
     keys = accepted_keys(settings)
     request.state.tenant_salt = None
     if keys and path.startswith("/v1/"):
-        given = request.headers.get("authorization", "").encode()
+        # "Bearer <key>", the scheme in any case (RFC 9110).
+        scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+        given = token.strip().encode()
         # Every key is compared (no early exit), so the time taken does not say which one came close.
-        matches = [hmac.compare_digest(given, f"Bearer {key}".encode()) for key in keys]
-        if not any(matches):
+        matches = [hmac.compare_digest(given, key.encode()) for key in keys]
+        if scheme.lower() != "bearer" or not any(matches):
             return APIError.unauthorized("missing or invalid API key (Authorization: Bearer ...)")
         if server.salt_adapters_by_key is not False:
             request.state.tenant_salt = tenant_salt(keys[matches.index(True)])
@@ -135,12 +181,31 @@ async def _refusal(request: Request, settings: Settings, in_flight: int) -> APIE
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > server.max_request_bytes:
         return APIError.too_large(f"request body is {length} bytes; the limit is {server.max_request_bytes}")
-    body = await request.body()  # also catches chunked bodies with no content-length
-    if len(body) > server.max_request_bytes:
-        return APIError.too_large(f"request body is over the limit of {server.max_request_bytes} bytes")
+    try:
+        refusal = await asyncio.wait_for(_read_body(request, server.max_request_bytes), server.body_timeout_s)
+    except TimeoutError:  # a slow-loris body (server.body_timeout_s)
+        return APIError(
+            408, f"the request body did not arrive within {server.body_timeout_s:g} s", code="request_timeout"
+        )
+    if refusal is not None:
+        return refusal
     generating = request.app.state.metrics.endpoint(path) in GENERATING
     if generating and in_flight >= server.max_concurrent_requests:
         return APIError.rate_limited(f"{in_flight} requests in flight; retry later")
+    return None
+
+
+async def _read_body(request: Request, limit: int) -> APIError | None:
+    """Read the body piece by piece and refuse it as soon as it passes `limit`: a chunked body has no
+    content-length to check first, and must not be held whole in memory only to be refused."""
+    pieces, size = [], 0
+    async for piece in request.stream():
+        size += len(piece)
+        if size > limit:
+            return APIError.too_large(f"request body is over the limit of {limit} bytes")
+        pieces.append(piece)
+    # Where Starlette keeps a body once read; BaseHTTPMiddleware hands it on to the endpoint from there.
+    request._body = b"".join(pieces)
     return None
 
 

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Mapping
+from typing import Any
 
 from fastapi.responses import JSONResponse
 
 from ttserve.contract import RequestError
-from ttserve.serving.protocol import APIError
+from ttserve.serving.protocol import APIError, ErrorResponse
 
 log = logging.getLogger(__name__)
 
@@ -15,8 +18,35 @@ log = logging.getLogger(__name__)
 REPLICA_LOST = ("ActorDiedError", "RayActorError", "ActorUnavailableError", "ActorUnschedulableError")
 
 
-def error_response(error: APIError) -> JSONResponse:
-    return JSONResponse(error.response().model_dump(mode="json"), status_code=error.status_code)
+class ErrorJSON(JSONResponse):
+    """An error body in ASCII JSON. Errors quote what the client sent (a parameter's name, its value, the
+    model asked for), and JSON's \\ud800 escapes decode to unpaired surrogates that UTF-8 cannot encode:
+    escaped, any such quote is still valid JSON, and the error is never a 500 of its own."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+def error_response(error: APIError, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return ErrorJSON(error.response().model_dump(mode="json"), status_code=error.status_code, headers=headers)
+
+
+ERROR_MEANINGS = {
+    400: "Invalid request: the parameter is named in `error.param`",
+    401: "Missing or invalid API key (when the server has one)",
+    404: "Unknown model, or no such route",
+    408: "The request body did not arrive in time",
+    413: "The request body is over the server's limit",
+    422: "The model has no chat template: use /v1/completions",
+    429: "Too many requests in flight, or the replicas are full: retry later",
+    500: "A server fault",
+    503: "The model is still loading, or the replica answering stopped: retry",
+}
+
+
+def documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for these error statuses: each an OpenAI error body."""
+    return {status: {"model": ErrorResponse, "description": ERROR_MEANINGS[status]} for status in statuses}
 
 
 def unwrap(error: BaseException) -> BaseException:

@@ -24,6 +24,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -162,6 +163,13 @@ def validation_error_to_api_error(exc: ValidationError | RequestValidationError)
     if kind == "json_invalid":  # FastAPI: the body is not JSON; its loc is ("body", character offset)
         return APIError.bad_request(f"We could not parse the JSON body of your request: {msg}.")
     loc = list(err.get("loc", ()))
+    if loc == ["body"]:  # FastAPI: the body is missing, or is JSON but not an object
+        send = "send a JSON object (Content-Type: application/json)"
+        if kind == "missing":
+            return APIError.bad_request(f"The request has no body; {send}.")
+        if kind in ("model_attributes_type", "model_type", "dict_type"):
+            return APIError.bad_request(f"The request body is not a JSON object; {send}.")
+        return APIError.bad_request(f"Invalid request body: {msg[:1].lower()}{msg[1:]}.")
     if loc[:1] == ["body"]:  # FastAPI prefixes the body's locations
         loc = loc[1:]
     param = ".".join(str(part) for part in loc) or None
@@ -200,7 +208,18 @@ def _number(value: Any) -> Any:
     return value
 
 
+def _unicode(value: Any) -> Any:
+    # JSON's \ud800 escapes decode to unpaired surrogates, which no tokenizer, hash or UTF-8 answer takes.
+    if isinstance(value, str) and not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise ValueError("must be valid Unicode text: it has an unpaired surrogate") from None
+    return value
+
+
 Int = Annotated[int, BeforeValidator(_integer)]
+Text = Annotated[str, AfterValidator(_unicode)]
 # allow_inf_nan=False: Starlette's JSON parser accepts NaN and Infinity, which slip past range checks.
 Float = Annotated[float, Field(allow_inf_nan=False), BeforeValidator(_number)]
 
@@ -245,20 +264,22 @@ def _check_stop(value: Any) -> Any:
         raise ValueError(f"at most 4 stop sequences are allowed, got {len(stops)}")
     if any(s == "" for s in stops):
         raise ValueError("stop sequences must not be empty")
+    for stop in stops:
+        _unicode(stop)
     return value
 
 
 class _SamplingRequest(_RequestModel):
     """The fields chat and text completions share."""
 
-    model: str
+    model: Text
     temperature: Float = Field(1.0, ge=0, le=2)
     top_p: Float = Field(1.0, gt=0, le=1)
     n: Int = 1
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     stop: Annotated[str | list[str] | None, BeforeValidator(_check_stop)] = None
-    seed: Int | None = None
+    seed: Int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # OpenAI's: a 64-bit integer
     presence_penalty: Float = 0.0
     frequency_penalty: Float = 0.0
     user: str | None = None  # accepted for compatibility, ignored
@@ -267,7 +288,7 @@ class _SamplingRequest(_RequestModel):
     ttt: TTTOptions | None = None
     # As vLLM's: requests reuse each other's adapters only when their salts are equal (and, with API keys,
     # only within a key: ServerConfig.salt_adapters_by_key).
-    cache_salt: str | None = Field(None, min_length=1, max_length=256)
+    cache_salt: Text | None = Field(None, min_length=1, max_length=256)
 
     @field_validator("n")
     @classmethod
@@ -311,8 +332,12 @@ class _SamplingRequest(_RequestModel):
         return GenerateRequest(
             max_tokens=max_tokens,
             sampling=SamplingParams(
-                temperature=self.temperature,
-                top_p=self.top_p,
+                # Below these, sampling is greedy in all but name, and the engines' arithmetic (logits /
+                # temperature, top_p compared in float32) turns 1e-300 into inf or 0 (answered 500):
+                # vLLM's rule, temperature under 1e-5 is greedy; a top_p under 1e-9 keeps only the most
+                # likely token, as 1e-9 does for any vocabulary under a billion tokens.
+                temperature=self.temperature if self.temperature >= 1e-5 else 0.0,
+                top_p=max(self.top_p, 1e-9),
                 stop=tuple(self.normalized_stop()),
                 seed=self.seed,
                 logprobs=logprobs,
@@ -344,7 +369,7 @@ def _text_content(value: Any) -> Any:
 class ChatMessage(_RequestModel):
     # No "tool" role: the server runs no tools. "developer" is OpenAI's newer name for "system".
     role: Literal["system", "developer", "user", "assistant"]
-    content: Annotated[str, BeforeValidator(_text_content)]
+    content: Annotated[Text, BeforeValidator(_text_content)]
     name: str | None = None  # accepted, ignored
 
 
@@ -391,10 +416,12 @@ def _single_prompt(value: Any) -> Any:
             )
         value = value[0]
     if isinstance(value, str) and value:
-        return value
+        return _unicode(value)
     # An empty prompt leaves nothing to retrieve for or condition on (and no token to score with echo).
     if not isinstance(value, list) or not value:
         raise ValueError("must be a non-empty string or a non-empty list of token ids")
+    # 8.0 is the id 8, as for every integer field (JSON Schema's integers include it); 8.5 is not an id.
+    value = [int(t) if isinstance(t, float) and t.is_integer() else t for t in value]
     if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value):
         raise ValueError("token ids must be non-negative integers")
     return value

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request
 
 from ttserve.contract import TokenLogprob
 from ttserve.serving import responses
+from ttserve.serving.errors import documented
 from ttserve.serving.protocol import (
     ChatCompletionChoice,
     ChatCompletionChunk,
@@ -23,7 +24,17 @@ from ttserve.serving.protocol import (
 router = APIRouter()
 
 
-@router.post("/v1/chat/completions")
+@router.post(
+    "/v1/chat/completions",
+    responses={
+        200: {
+            "model": ChatCompletionResponse,
+            "content": {"text/event-stream": {}},
+            "description": "Or events, with stream",
+        },
+        **documented(400, 401, 404, 408, 413, 422, 429, 500, 503),
+    },
+)
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     reply = await responses.answer(request, body, "chatcmpl")
     if reply.events is not None:

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request
 
 from ttserve.contract import Started, TokenLogprob
 from ttserve.serving import responses
+from ttserve.serving.errors import documented
 from ttserve.serving.protocol import (
     CompletionChoice,
     CompletionChunk,
@@ -18,7 +19,17 @@ from ttserve.serving.protocol import (
 router = APIRouter()
 
 
-@router.post("/v1/completions")
+@router.post(
+    "/v1/completions",
+    responses={
+        200: {
+            "model": CompletionResponse,
+            "content": {"text/event-stream": {}},
+            "description": "Or events, with stream",
+        },
+        **documented(400, 401, 404, 408, 413, 429, 500, 503),
+    },
+)
 async def completions(body: CompletionRequest, request: Request):
     reply = await responses.answer(request, body, "cmpl")
     echo = _echo(body, reply.started) if body.echo else None
