@@ -73,6 +73,7 @@ async def run(args) -> dict:
         "idle": {"ttft": [], "gaps": []},
         "training": {"ttft": [], "gaps": []},
     }
+    step_seconds: list[float] = []  # per training step, with a base stream running beside it
     await stream_times(replica, 8)  # warm-up
     try:
         for round_ in range(args.rounds):
@@ -96,6 +97,8 @@ async def run(args) -> dict:
             results["training"]["ttft"].append(ttft)
             results["training"]["gaps"] += gaps
             started, _ = await background
+            if started.ttt.steps:
+                step_seconds.append(started.ttt.training_seconds / started.ttt.steps)
             print(
                 f"round {round_}: trained {started.ttt.steps} steps ({started.ttt.decision}: {started.ttt.reason}); "
                 f"stream done {'during' if still_training else 'after'} training",
@@ -116,6 +119,8 @@ async def run(args) -> dict:
         summary["training"]["inter_token_p50_ms"] / summary["idle"]["inter_token_p50_ms"], 2
     )
     summary["ttft_ratio"] = round(summary["training"]["ttft_p50_ms"] / summary["idle"]["ttft_p50_ms"], 2)
+    summary["training_step_s_p50"] = round(statistics.median(step_seconds), 3) if step_seconds else None
+    summary["training_cpu_niceness"] = settings.training.cpu_niceness
     return summary
 
 
