@@ -569,3 +569,12 @@ def test_openai_client_raises_bad_request_with_our_error():
     assert info.value.status_code == 400
     assert info.value.param == "compute_budget" and info.value.type == "invalid_request_error"
     assert "must be an integer" in info.value.message
+
+
+def test_a_vanishing_temperature_or_top_p_means_greedy_for_every_caller():
+    """The rule lives in SamplingParams, so engines are safe from callers other than the HTTP layer too."""
+    from ttserve.contract import SamplingParams
+
+    assert SamplingParams(temperature=1e-300).temperature == 0.0
+    assert SamplingParams(temperature=1e-5).temperature == 1e-5
+    assert SamplingParams(top_p=5e-324).top_p == 1e-9 and SamplingParams(top_p=0.5).top_p == 0.5

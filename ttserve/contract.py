@@ -75,6 +75,13 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        # Below these, sampling is greedy in all but name, and an engine's arithmetic (logits / temperature,
+        # top_p compared in float32) would turn 1e-300 into inf or 0: vLLM's rule, a temperature under 1e-5
+        # is greedy; a top_p under 1e-9 keeps only the most likely token, as 1e-9 does for any vocabulary
+        # under a billion tokens.
+        if 0 < self.temperature < 1e-5:
+            object.__setattr__(self, "temperature", 0.0)
+        object.__setattr__(self, "top_p", max(self.top_p, 1e-9))
 
 
 @dataclass(frozen=True)

@@ -332,12 +332,8 @@ class _SamplingRequest(_RequestModel):
         return GenerateRequest(
             max_tokens=max_tokens,
             sampling=SamplingParams(
-                # Below these, sampling is greedy in all but name, and the engines' arithmetic (logits /
-                # temperature, top_p compared in float32) turns 1e-300 into inf or 0 (answered 500):
-                # vLLM's rule, temperature under 1e-5 is greedy; a top_p under 1e-9 keeps only the most
-                # likely token, as 1e-9 does for any vocabulary under a billion tokens.
-                temperature=self.temperature if self.temperature >= 1e-5 else 0.0,
-                top_p=max(self.top_p, 1e-9),
+                temperature=self.temperature,  # (SamplingParams makes a vanishing one greedy)
+                top_p=self.top_p,
                 stop=tuple(self.normalized_stop()),
                 seed=self.seed,
                 logprobs=logprobs,
