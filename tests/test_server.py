@@ -249,8 +249,9 @@ def test_auth_size_limit_and_concurrency_limit(running, monkeypatch):
             while running.replica.pipeline.training.queued == 0:  # admitted and held in the trainer
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
-            with pytest.raises(openai.RateLimitError):
+            with pytest.raises(openai.RateLimitError) as limited:
                 client.completions.create(model="tiny-test", prompt="x", max_tokens=1)
+            assert limited.value.response.headers["retry-after"] == "1"  # backpressure says when
             health = httpx.get(f"{server.url}/health")  # answered while the generator trains
             assert health.status_code == 200 and not training.done()
             release.set()

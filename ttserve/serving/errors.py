@@ -28,6 +28,10 @@ class ErrorJSON(JSONResponse):
 
 
 def error_response(error: APIError, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    """The error's JSON body and status; a refusal that is worth retrying says when (Retry-After)."""
+    headers = dict(headers or {})
+    if error.retry_after is not None:
+        headers["Retry-After"] = str(error.retry_after)
     return ErrorJSON(error.response().model_dump(mode="json"), status_code=error.status_code, headers=headers)
 
 
@@ -68,6 +72,8 @@ def as_api_error(error: BaseException) -> APIError:
     if name in ("BackPressureError", "DeploymentUnavailableError"):  # Ray Serve: replicas full or gone
         return APIError.rate_limited(f"the server is at capacity ({name}); retry later")
     if name in REPLICA_LOST:  # the replica died mid-request (its node went away): Serve replaces it
-        return APIError.unavailable(f"the replica answering this request stopped ({name}); retry")
+        return APIError.unavailable(
+            f"the replica answering this request stopped ({name}); retry", retry_after=1
+        )
     log.exception("request failed", exc_info=error)
     return APIError.internal(f"{name}: {error}")

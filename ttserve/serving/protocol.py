@@ -88,6 +88,7 @@ class APIError(Exception):
         type: ErrorType = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        retry_after: int | None = None,
     ) -> None:
         super().__init__(message)
         self.status_code = status_code
@@ -95,6 +96,7 @@ class APIError(Exception):
         self.type = type
         self.param = param
         self.code = code
+        self.retry_after = retry_after  # seconds, sent as Retry-After: when trying again makes sense
 
     def response(self) -> ErrorResponse:
         return ErrorResponse(
@@ -102,7 +104,10 @@ class APIError(Exception):
         )
 
     def __reduce__(self):  # picklable with all its fields: it crosses Ray Serve's process boundaries
-        return (type(self), (self.status_code, self.message, self.type, self.param, self.code))
+        return (
+            type(self),
+            (self.status_code, self.message, self.type, self.param, self.code, self.retry_after),
+        )
 
     def __repr__(self) -> str:
         return f"APIError({self.status_code}, {self.message!r}, type={self.type!r}, param={self.param!r})"
@@ -128,16 +133,18 @@ class APIError(Exception):
         return cls(422, message, "invalid_request_error", param)
 
     @classmethod
-    def rate_limited(cls, message: str = "Too many requests: retry later.") -> APIError:
-        return cls(429, message, "rate_limit_error", code="rate_limit_exceeded")
+    def rate_limited(cls, message: str = "Too many requests: retry later.", retry_after: int = 1) -> APIError:
+        return cls(429, message, "rate_limit_error", code="rate_limit_exceeded", retry_after=retry_after)
 
     @classmethod
     def internal(cls, message: str = "The server had an error while processing your request.") -> APIError:
         return cls(500, message, "server_error")
 
     @classmethod
-    def unavailable(cls, message: str = "The server is overloaded or not ready yet.") -> APIError:
-        return cls(503, message, "service_unavailable")
+    def unavailable(
+        cls, message: str = "The server is overloaded or not ready yet.", retry_after: int = 5
+    ) -> APIError:
+        return cls(503, message, "service_unavailable", retry_after=retry_after)
 
     @classmethod
     def of_request_error(cls, error: RequestError) -> APIError:
