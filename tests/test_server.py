@@ -609,3 +609,39 @@ def test_adapters_are_not_shared_across_api_keys_unless_salting_is_off(running):
     finally:
         salted.stop()
         shared.stop()
+
+
+@pytest.mark.parametrize(
+    ("where", "fault", "said"),
+    [
+        ("step", RuntimeError("a bug mid-step (injected)"), "test-time training failed (RuntimeError"),
+        ("step", "oom", "test-time training failed (OutOfMemoryError"),
+        ("save", OSError(28, "No space left on device"), "test-time training failed (OSError"),
+    ],
+)
+def test_a_fault_in_real_training_falls_back_to_the_base_model_and_leaves_nothing(
+    running, monkeypatch, where, fault, said
+):
+    """Faults injected into the real trainer (an exception, out of memory, a full scratch disk while the
+    adapter is written): the base model answers and says why, nothing half-written is left in the scratch
+    directory, and the next request trains normally."""
+    import torch
+
+    shared = running.replica.pipeline.trainer.shared
+    error = torch.OutOfMemoryError("CUDA out of memory (injected)") if fault == "oom" else fault
+
+    def broken(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(shared, "training_step" if where == "step" else "save_training_adapter", broken)
+    scratch = running.replica.pipeline.adapters.directory
+    before = set(scratch.iterdir())
+    prompt = f"def fault_{where}_{type(error).__name__}(items):\n    return"
+    # The tiny corpus gives many prompts the same picks: a salt of its own keeps this adapter this test's.
+    body = {"compute_budget": 2, "ttt": {"mode": "always"}, "cache_salt": f"{where}-{type(error).__name__}"}
+    ttt = ttt_of(chat(running, content=prompt, extra_body=body))
+    assert ttt["decision"] == "fallback" and said in ttt["reason"], ttt["reason"]
+    assert ttt["reason"].endswith("answered with the base model") and ttt["adapter_id"] is None
+    assert set(scratch.iterdir()) == before  # no half-written adapter
+    monkeypatch.undo()
+    assert ttt_of(chat(running, content=prompt, extra_body=body))["decision"] == "trained"
