@@ -64,14 +64,16 @@ def test_training_gets_the_cpus_and_every_other_torch_thread_one(running):
 
     from ttserve.threads import default_torch_threads
 
-    model = running.replica.pipeline.trainer.model.get_base_model()
+    trained = running.replica.pipeline.trainer.model.get_base_model()  # the training tree
+    served = running.replica.pipeline.engine.model.get_base_model()  # the serving tree (shared_model.py)
     embedder = running.replica.retrieve.__self__.embedder.model
     seen: list[tuple[str, int]] = []
     hooks = [
-        model.register_forward_pre_hook(
-            lambda module, args: seen.append(
-                ("training" if module.training else "inference", torch.get_num_threads())
-            )
+        trained.register_forward_pre_hook(
+            lambda module, args: seen.append(("training", torch.get_num_threads()))
+        ),
+        served.register_forward_pre_hook(
+            lambda module, args: seen.append(("inference", torch.get_num_threads()))
         ),
         embedder.register_forward_pre_hook(
             lambda module, args: seen.append(("embedding", torch.get_num_threads()))
