@@ -161,7 +161,14 @@ class FakeRetrieval:
         ids = [int(i) for i in picked.indices]
         sequences = [StoredSequence(i, f"doc-{i}", 0, f"text {i}", "fake", {}) for i in ids]
         return Retrieval(
-            ids, sequences, picked.variances, strategy or "sift", lam or 1.0, 1, 64, {"total_ms": 1.0}
+            ids,
+            sequences,
+            picked.variances,
+            strategy or "sift",
+            lam or 1.0,
+            1,
+            64,
+            {"index_ms": 0.25, "selection_ms": 0.75, "total_ms": 1.0},
         )
 
 
@@ -236,6 +243,7 @@ def test_a_trained_adapter_answers_and_an_identical_request_reuses_it(rig):
     assert first.steps == 4 and first.training_tokens == 40 and first.training_seconds == pytest.approx(0.04)
     assert text == r.engine.loads[0] and first.adapter_id and len(first.selected_ids) == 8
     assert first.uncertainty_after < first.uncertainty_before
+    assert first.retrieval_ms == 1.0  # the total, not the total plus its parts
     again, text_again = ask(r, compute_budget=4, mode="always")
     assert again.decision == "reused" and again.cached and again.training_seconds == 0.0
     assert again.adapter_id == first.adapter_id and text_again == text and len(r.trainer.calls) == 1

@@ -75,12 +75,16 @@ class RequestPlanner:
         and who may share it (`salt`)."""
         return AdapterKey.of(self.model, picks, self.training, steps, salt)
 
+    def _outcome(self, request: GenerateRequest) -> TTTOutcome:
+        return TTTOutcome(
+            budget=self.budget(request.compute_budget), strategy=request.strategy or self.default_strategy
+        )
+
     def plan_before_retrieval(self, request: GenerateRequest, query: str) -> TrainingPlan | None:
         """The plan when it needs no retrieval (budget 0, mode off, no datastore, no text); None when it
         does. Raises `InvalidRequest` for a budget over the cap. Cheap: under Ray the ingress calls it, so
         that a base-model request never waits for the Planner."""
-        outcome = TTTOutcome(budget=self.budget(request.compute_budget),
-                             strategy=request.strategy or self.default_strategy)  # fmt: skip
+        outcome = self._outcome(request)
         skip = self.policy.skip_before_retrieval(
             request.mode, outcome.budget, query, self.retrieve is not None
         )
@@ -96,8 +100,7 @@ class RequestPlanner:
         skipped = self.plan_before_retrieval(request, query)
         if skipped is not None:
             return skipped
-        outcome = TTTOutcome(budget=self.budget(request.compute_budget),
-                             strategy=request.strategy or self.default_strategy)  # fmt: skip
+        outcome = self._outcome(request)
         plan = TrainingPlan(outcome)
         assert self.retrieve is not None
         try:
@@ -115,7 +118,7 @@ class RequestPlanner:
             return plan
         planned = self.policy.plan(retrieval.selection, outcome.budget, request.mode)
         outcome.strategy = retrieval.strategy
-        outcome.retrieval_ms = round(sum(retrieval.timings_ms.values()), 3)
+        outcome.retrieval_ms = round(retrieval.timings_ms.get("total_ms", 0.0), 3)  # the rest are its parts
         outcome.selected_ids = [int(i) for i in retrieval.ids]
         outcome.uncertainty_before = retrieval.uncertainty_before
         outcome.uncertainty_after = float(retrieval.variances[planned.steps])
