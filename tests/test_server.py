@@ -647,3 +647,35 @@ def test_a_fault_in_real_training_falls_back_to_the_base_model_and_leaves_nothin
     assert set(scratch.iterdir()) == before  # no half-written adapter
     monkeypatch.undo()
     assert ttt_of(chat(running, content=prompt, extra_body=body))["decision"] == "trained"
+
+
+def test_under_concurrent_mixed_load_every_answer_equals_the_same_request_alone(running):
+    """Base-model requests, trainings, repeats and different tenants at once, on one replica whose engine
+    and trainer now run side by side: every answer (text and adapter) equals the same request's answer
+    when it runs alone afterwards, so no request sees another's adapter or state."""
+    requests = []
+    for i in range(4):
+        prompt = f"def mixed_load_{i}(values):\n    total ="
+        requests += [
+            {"prompt": prompt, "compute_budget": 0},
+            {"prompt": prompt, "compute_budget": 2, "cache_salt": f"load-{i}"},
+            {"prompt": prompt, "compute_budget": 2, "cache_salt": f"load-{i}"},  # a repeat: trains once
+            {"prompt": prompt, "compute_budget": 3, "cache_salt": f"other-{i}"},
+        ]
+    client = running.client()
+
+    def ask(body: dict) -> tuple[str, str | None, str]:
+        extra = {"ttt": {"mode": "always"}, **{k: v for k, v in body.items() if k != "prompt"}}
+        response = client.completions.create(
+            model=running.model, prompt=body["prompt"], max_tokens=10, temperature=0, extra_body=extra
+        )
+        ttt = ttt_of(response)
+        return response.choices[0].text, ttt["adapter_id"], ttt["decision"]
+
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(ask, requests))
+    assert {decision for _, _, decision in together} >= {"skipped", "trained"}
+    for body, (text, adapter_id, _) in zip(requests, together, strict=True):
+        alone_text, alone_adapter, alone_decision = ask(body)
+        assert (alone_text, alone_adapter) == (text, adapter_id), body
+        assert alone_decision == ("skipped" if body["compute_budget"] == 0 else "reused")
