@@ -323,3 +323,46 @@ def test_search_ranks_by_absolute_inner_product():
     all_ids, all_scores = search_abs(index, q, 100)
     assert sorted(all_ids) == list(range(52))  # k larger than the index: everything, once
     assert np.all(np.diff(np.abs(all_scores)) <= 1e-6)
+
+
+def test_a_datastore_replaced_on_disk_keeps_answering_as_it_was_opened(tmp_path, small_corpus, memo_embedder):
+    """`index build --overwrite` renames a new datastore into place: an open one keeps its own files (a
+    thread that opens its first text connection afterwards too), so picks and texts never mix versions."""
+    import threading
+
+    from ttserve.config import Settings
+    from ttserve.datastore import Datastore, build_datastore
+    from ttserve.datastore.docstore import DocStore
+
+    path = tmp_path / "store"
+    settings = Settings(datastore={"path": path})
+    build_datastore([small_corpus], path, settings, memo_embedder, progress=False)
+    store = Datastore(path)
+    before = store.sequences([0, 1])
+    other = tmp_path / "other.txt"
+    other.write_text("completely different text " * 40)
+    build_datastore([other], path, settings, memo_embedder, overwrite=True, progress=False)
+    assert DocStore(path / "docs.sqlite").get([0])[0].text != before[0].text  # the path names the new one
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(store.sequences([0, 1])))
+    thread.start()
+    thread.join()
+    assert seen == [before] and store.sequences([0, 1]) == before
+
+
+@pytest.mark.parametrize("file", ["embeddings.bin", "docs.sqlite"])
+def test_a_datastore_file_changed_in_place_is_a_clear_error_not_wrong_rows(
+    tmp_path, small_corpus, memo_embedder, file
+):
+    from ttserve.config import Settings
+    from ttserve.datastore import Datastore, DatastoreChangedError, build_datastore
+
+    path = tmp_path / "store"
+    build_datastore([small_corpus], path, Settings(datastore={"path": path}), memo_embedder, progress=False)
+    store = Datastore(path)
+    query = store.vectors([0])[0]
+    with open(path / file, "r+b") as handle:  # truncated in place: a mapped read past the end is a SIGBUS
+        handle.truncate(max(0, handle.seek(0, 2) // 2))
+    with pytest.raises(DatastoreChangedError, match="changed in place"):
+        store.candidates(query, 8)
+        store.sequences([0])

@@ -3,6 +3,7 @@
 from ttserve.datastore.build import add_to_datastore, build_datastore
 from ttserve.datastore.candidates import Candidates, ShardFailure, ShardHits
 from ttserve.datastore.docstore import StoredSequence
+from ttserve.datastore.guard import DatastoreChangedError
 from ttserve.datastore.manifest import Manifest, ShardsManifest, is_sharded
 from ttserve.datastore.sharded import (
     LocalShard,
@@ -19,6 +20,7 @@ __all__ = [
     "Candidates",
     "CorpusError",
     "Datastore",
+    "DatastoreChangedError",
     "Document",
     "EmbedderMismatchError",
     "LocalShard",

@@ -9,10 +9,13 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ttserve.datastore.guard import FileGuard
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sequences (
@@ -68,23 +71,39 @@ class DocStoreWriter:
 
 
 class DocStore:
-    """Read-only access, one SQLite connection per thread (connections must not cross threads)."""
+    """Read-only access. Opened for a `Datastore` (with the guard that holds its files, guard.py): one
+    connection, opened at once, so it reads the file the datastore was opened with even after a new one is
+    renamed into place; threads share it under a lock (a prompt's fetch is a few rows). Without a guard:
+    one connection per thread, by path."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, guard: FileGuard | None = None):
         if not path.is_file():
             raise FileNotFoundError(f"document store not found: {path}")
         self.path = path
+        self.guard = guard
         self._local = threading.local()
+        self._lock = threading.Lock()
+        self._shared = None
+        if guard is not None:  # immutable: no locks or journal; the guard notices changes instead
+            self._shared = sqlite3.connect(
+                f"file:{path}?mode=ro&immutable=1", uri=True, check_same_thread=False
+            )
 
-    def _connection(self) -> sqlite3.Connection:
+    @contextmanager
+    def _connection(self) -> Iterator[sqlite3.Connection]:
+        if self._shared is not None:
+            with self._lock:
+                yield self._shared
+            return
         connection = getattr(self._local, "connection", None)
         if connection is None:
             connection = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
             self._local.connection = connection
-        return connection
+        yield connection
 
     def __len__(self) -> int:
-        (count,) = self._connection().execute("SELECT COUNT(*) FROM sequences").fetchone()
+        with self._connection() as connection:
+            (count,) = connection.execute("SELECT COUNT(*) FROM sequences").fetchone()
         return int(count)
 
     def get(self, ids: Sequence[int]) -> list[StoredSequence]:
@@ -95,7 +114,9 @@ class DocStore:
         for start in range(0, len(unique), 500):
             part = unique[start : start + 500]
             query = f"SELECT id, doc_id, chunk, text, source, metadata FROM sequences WHERE id IN ({','.join('?' * len(part))})"
-            for row in self._connection().execute(query, part):
+            with self._connection() as connection:
+                rows = connection.execute(query, part).fetchall()
+            for row in rows:
                 found[row[0]] = StoredSequence(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]))
         missing = [i for i in unique if i not in found]
         if missing:

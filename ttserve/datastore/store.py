@@ -19,6 +19,7 @@ from ttserve.config import DatastoreConfig, EmbedderConfig
 from ttserve.datastore import faiss_index
 from ttserve.datastore.candidates import Candidates
 from ttserve.datastore.docstore import DocStore, StoredSequence
+from ttserve.datastore.guard import FileGuard
 from ttserve.datastore.manifest import DOCSTORE_FILE, EMBEDDINGS_FILE, INDEX_FILE, Manifest
 
 
@@ -39,9 +40,11 @@ class Datastore:
         self.manifest = Manifest.read(self.path)
         check_embedder(self.path, self.manifest, embedder)
         self.dimension = self.manifest.embedder.dimension
+        # Held from here on: a datastore replaced on disk leaves this one answering as it was (guard.py).
+        self._guards = [FileGuard(self.path / EMBEDDINGS_FILE), FileGuard(self.path / DOCSTORE_FILE)]
         self.embeddings = open_embeddings(self.path, self.manifest)
         self.index = faiss_index.configure_search(faiss_index.read_index(self.path / INDEX_FILE), self.config)
-        self.docs = DocStore(self.path / DOCSTORE_FILE)
+        self.docs = DocStore(self.path / DOCSTORE_FILE, self._guards[1])
         if not (self.index.ntotal == len(self.embeddings) == self.manifest.counts.sequences):
             raise ValueError(
                 f"{self.path} is inconsistent: index has {self.index.ntotal} vectors, embeddings "
@@ -50,6 +53,10 @@ class Datastore:
 
     def __len__(self) -> int:
         return self.manifest.counts.sequences
+
+    def __del__(self) -> None:
+        for guard in getattr(self, "_guards", ()):
+            guard.close()
 
     def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Pre-selection: the top-k sequence ids by |inner product| with `query` [d], and their inner products."""
@@ -62,9 +69,11 @@ class Datastore:
 
     def vectors(self, ids: np.ndarray) -> np.ndarray:
         """The exact stored embeddings of `ids`, float32 [len(ids), d]."""
+        self._guards[0].check()  # a truncated mapping would be a SIGBUS, not an exception
         return np.asarray(self.embeddings[np.asarray(ids, dtype=np.int64)], dtype=np.float32)
 
     def sequences(self, ids: np.ndarray | list[int]) -> list[StoredSequence]:
+        self._guards[1].check()
         return self.docs.get([int(i) for i in ids])
 
 
