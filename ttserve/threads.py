@@ -10,7 +10,7 @@
     inference threads (N)      transformers engine only: one request's decode   chunks put on an asyncio
                                loop each, and adapter loads/unloads             queue; futures
     the default executor       retrieval (embedder, Faiss, SIFT) in-process;    futures
-                               in the Ray app, the Retriever replica's calls
+                               in the Ray app, a plan-less request's Planner calls
 
 Shared state between threads is kept to three places, each with its own lock:
 
