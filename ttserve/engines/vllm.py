@@ -231,6 +231,10 @@ class VLLMEngine(Engine):
             top.append(self._top(position, top_logprobs) if top_logprobs else ())
         return PromptScores(ids, [self.decode_token(t) for t in ids], logprobs, top)
 
+    async def check_health(self) -> None:
+        """vLLM's engine core runs in its own process; AsyncLLM notices when it dies (EngineDeadError)."""
+        await self.llm.check_health()
+
     async def close(self) -> None:
         self.llm.shutdown()
         # AsyncLLM.__del__ shuts down again at interpreter exit, after the module globals it needs are gone,

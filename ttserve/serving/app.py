@@ -170,8 +170,11 @@ class GeneratorDeployment:
             shutil.rmtree(pipeline.adapters.directory, ignore_errors=True)
 
     async def check_health(self) -> None:
+        """Serve's health check: a replica whose engine died (vLLM's engine process) raises here, and Serve
+        replaces it."""
         if self.replica.pipeline is None:
             raise RuntimeError("the generator replica is not running")
+        await self.replica.check_health()
 
 
 class HandleBackend:

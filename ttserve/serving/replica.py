@@ -105,6 +105,10 @@ class GeneratorReplica:
     async def stats(self) -> ReplicaStats:
         return self._ready().stats()
 
+    async def check_health(self) -> None:
+        """Raise unless the replica can serve: loaded, and its engine alive."""
+        await self._ready().engine.check_health()
+
     async def close(self) -> None:
         pipeline, self.pipeline = self.pipeline, None
         if pipeline is not None:
