@@ -51,21 +51,14 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from ttserve import __version__  # noqa: E402
+# Synthetic data and its datastore as bench_retrieval.py makes them (this directory is on sys.path).
+from bench_retrieval import clustered_unit_vectors, write_datastore  # noqa: E402
+
 from ttserve.config import DatastoreConfig, RetrievalConfig  # noqa: E402
-from ttserve.datastore import Datastore, ShardedDatastore, faiss_index, shard_datastore  # noqa: E402
-from ttserve.datastore.build import add_to_index  # noqa: E402
-from ttserve.datastore.docstore import DocStoreWriter, StoredSequence  # noqa: E402
+from ttserve.datastore import Datastore, ShardedDatastore, shard_datastore  # noqa: E402
 from ttserve.datastore.manifest import (  # noqa: E402
-    DOCSTORE_FILE,
-    EMBEDDINGS_FILE,
-    INDEX_FILE,
-    Counts,
-    EmbedderInfo,
-    IndexInfo,
     Manifest,
     ShardsManifest,
-    SplitterInfo,
 )
 from ttserve.datastore.store import open_embeddings  # noqa: E402
 from ttserve.retrieval import Retriever  # noqa: E402
@@ -87,36 +80,6 @@ class FixedEmbedder:
 
 
 # --- data --------------------------------------------------------------------------------------------------
-def clustered_unit_vectors(n: int, d: int, clusters: int, rng: np.random.Generator) -> np.ndarray:
-    centers = rng.standard_normal((clusters, d), dtype=np.float32)
-    vectors = centers[rng.integers(0, clusters, n)]
-    vectors += 0.8 * rng.standard_normal((n, d), dtype=np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    return vectors
-
-
-def write_datastore(path: Path, vectors: np.ndarray) -> None:
-    """A flat datastore of these vectors with short synthetic texts, written as `build_datastore` writes one."""
-    n, d = vectors.shape
-    path.mkdir(parents=True)
-    vectors.tofile(path / EMBEDDINGS_FILE)
-    config = DatastoreConfig(path=path, use_gpu="never")
-    index = faiss_index.new_index("flat", d, n, config)
-    add_to_index(index, vectors, 0, progress=False)
-    faiss_index.write_index(index, path / INDEX_FILE)
-    writer = DocStoreWriter(path / DOCSTORE_FILE)
-    writer.add(StoredSequence(i, f"doc-{i}", 0, f"synthetic sequence {i}", "synthetic") for i in range(n))
-    writer.commit()
-    Manifest(
-        ttserve_version=__version__,
-        embedder=EmbedderInfo(model="synthetic", dimension=d, max_seq_length=512),
-        splitter=SplitterInfo(tokenizer="synthetic", chunk_tokens=512),
-        index=IndexInfo(type="flat"),
-        embedding_dtype="float32",
-        counts=Counts(documents=n, sequences=n),
-    ).write(path)
-
-
 def noisy_rows(embeddings: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
     """`count` query embeddings: random stored rows plus noise, normalised."""
     rows = np.asarray(embeddings[np.sort(rng.integers(0, len(embeddings), count))], dtype=np.float32)

@@ -80,14 +80,17 @@ class RequestPlanner:
             budget=self.budget(request.compute_budget), strategy=request.strategy or self.default_strategy
         )
 
-    def plan_before_retrieval(self, request: GenerateRequest, query: str) -> TrainingPlan | None:
+    def plan_before_retrieval(
+        self, request: GenerateRequest, query: str, can_retrieve: bool | None = None
+    ) -> TrainingPlan | None:
         """The plan when it needs no retrieval (budget 0, mode off, no datastore, no text); None when it
         does. Raises `InvalidRequest` for a budget over the cap. Cheap: under Ray the ingress calls it, so
-        that a base-model request never waits for the Planner."""
+        that a base-model request never waits for the Planner. `can_retrieve`: whether there is a datastore
+        (default: whether this planner retrieves; the ingress's does not, the Planner deployment does)."""
         outcome = self._outcome(request)
-        skip = self.policy.skip_before_retrieval(
-            request.mode, outcome.budget, query, self.retrieve is not None
-        )
+        if can_retrieve is None:
+            can_retrieve = self.retrieve is not None
+        skip = self.policy.skip_before_retrieval(request.mode, outcome.budget, query, can_retrieve)
         if skip is None:
             return None
         outcome.reason = skip

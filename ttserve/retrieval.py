@@ -3,7 +3,7 @@ picks N of them using their exact embeddings. A sharded datastore merges its sha
 first (ttserve/datastore/sharded.py); SIFT runs once, over the merged candidates.
 
 `Retriever` is safe to call from many threads: the embedder serialises its own forward passes, Faiss
-searches and SIFT run concurrently, and the document store opens one SQLite connection per thread.
+searches and SIFT run concurrently, and the document store serialises its (few-row) reads on one connection.
 """
 
 from __future__ import annotations

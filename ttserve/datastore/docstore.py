@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ttserve.datastore.guard import FileGuard
-
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sequences (
     id INTEGER PRIMARY KEY,
@@ -71,35 +69,22 @@ class DocStoreWriter:
 
 
 class DocStore:
-    """Read-only access. Opened for a `Datastore` (with the guard that holds its files, guard.py): one
-    connection, opened at once, so it reads the file the datastore was opened with even after a new one is
-    renamed into place; threads share it under a lock (a prompt's fetch is a few rows). Without a guard:
-    one connection per thread, by path."""
+    """Read-only access through one connection, opened at once: it keeps reading the file it opened even
+    after a new datastore is renamed into place (guard.py). Threads share it under a lock; a prompt's fetch
+    is a few rows."""
 
-    def __init__(self, path: Path, guard: FileGuard | None = None):
+    def __init__(self, path: Path):
         if not path.is_file():
             raise FileNotFoundError(f"document store not found: {path}")
         self.path = path
-        self.guard = guard
-        self._local = threading.local()
         self._lock = threading.Lock()
-        self._shared = None
-        if guard is not None:  # immutable: no locks or journal; the guard notices changes instead
-            self._shared = sqlite3.connect(
-                f"file:{path}?mode=ro&immutable=1", uri=True, check_same_thread=False
-            )
+        # immutable: no locks or journal; a change in place is the Datastore's guard to notice.
+        self._shared = sqlite3.connect(f"file:{path}?mode=ro&immutable=1", uri=True, check_same_thread=False)
 
     @contextmanager
     def _connection(self) -> Iterator[sqlite3.Connection]:
-        if self._shared is not None:
-            with self._lock:
-                yield self._shared
-            return
-        connection = getattr(self._local, "connection", None)
-        if connection is None:
-            connection = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
-            self._local.connection = connection
-        yield connection
+        with self._lock:
+            yield self._shared
 
     def __len__(self) -> int:
         with self._connection() as connection:

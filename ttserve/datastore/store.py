@@ -44,7 +44,7 @@ class Datastore:
         self._guards = [FileGuard(self.path / EMBEDDINGS_FILE), FileGuard(self.path / DOCSTORE_FILE)]
         self.embeddings = open_embeddings(self.path, self.manifest)
         self.index = faiss_index.configure_search(faiss_index.read_index(self.path / INDEX_FILE), self.config)
-        self.docs = DocStore(self.path / DOCSTORE_FILE, self._guards[1])
+        self.docs = DocStore(self.path / DOCSTORE_FILE)
         if not (self.index.ntotal == len(self.embeddings) == self.manifest.counts.sequences):
             raise ValueError(
                 f"{self.path} is inconsistent: index has {self.index.ntotal} vectors, embeddings "

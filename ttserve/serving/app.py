@@ -197,7 +197,7 @@ class HandleBackend:
             query = request.retrieval_text()
             if query is None:  # token ids: only the model's tokenizer reads them (any replica will do)
                 query = await self.generator.query.remote(request)
-            skipped = self.here.plan_before_retrieval(request, query)
+            skipped = self.here.plan_before_retrieval(request, query, can_retrieve=True)
             if skipped is not None:
                 return skipped
             return await self.planner.plan.remote(request, query)
@@ -239,11 +239,8 @@ class Ingress:
 
         self.settings = settings = _settings(config, overrides)
 
-        async def retrieve(text: str, **options):  # what `here` would retrieve with (it plans without)
-            return await planner.retrieve.remote(text, **options)
-
         here = RequestPlanner(
-            retrieve=retrieve,
+            retrieve=None,  # it only plans what needs no retrieval; the Planner deployment retrieves
             policy=Policy(settings.policy),  # what decides before retrieval needs no gain model
             training=settings.training,
             model=served_model_name(settings),
