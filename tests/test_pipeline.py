@@ -25,10 +25,12 @@ from ttserve.contract import (
     GenerationChunk,
     InvalidRequest,
     NoChatTemplateError,
+    Overloaded,
     PromptScores,
     SamplingParams,
     TrainingRun,
     Usage,
+    collect,
 )
 from ttserve.datastore import StoredSequence
 from ttserve.engines.base import Engine
@@ -481,6 +483,48 @@ def test_adapters_are_reused_only_between_requests_with_the_same_salt(rig):
     assert other.decision == unsalted.decision == "trained"  # same picks, same steps: another tenant's key
     assert len({first.adapter_id, other.adapter_id, unsalted.adapter_id}) == 3 and len(r.trainer.calls) == 3
     assert first.selected_ids == other.selected_ids == unsalted.selected_ids
+
+
+def test_a_full_replica_refuses_before_answering_and_keeps_the_adapter_it_trained(rig):
+    """Admission (admission.py): one generation at a time and nobody waiting. A second request is refused
+    with Overloaded before anything is yielded; the adapter it trained stays cached for its retry."""
+    r = rig(max_running_generations=1, max_waiting_generations=0)
+    busy = GenerateRequest(prompt="import os", max_tokens=32)
+    second = GenerateRequest(prompt="import json", max_tokens=32, compute_budget=2, mode="always")
+
+    async def scenario():
+        events = r.pipeline.stream(busy)
+        await anext(events)  # Started: the first request holds the only slot while it answers
+        with pytest.raises(Overloaded) as refused:
+            await anext(r.pipeline.stream(second))
+        stats = r.pipeline.stats()
+        assert (stats.generations_running, stats.generations_refused) == (1, 1)
+        await events.aclose()
+        return refused.value
+
+    refusal = r.run(scenario())
+    assert "at capacity" in refusal.message and refusal.retry_after >= 1
+    assert len(r.trainer.calls) == 1 and len(r.pipeline.adapters) == 1  # trained, cached, lease released
+    retry, _ = ask(r, prompt="import json", compute_budget=2, mode="always")
+    assert retry.decision == "reused" and r.pipeline.stats().generations_running == 0
+
+
+def test_a_request_waits_for_a_slot_and_is_then_answered(rig):
+    r = rig(max_running_generations=1, max_waiting_generations=1)
+
+    async def scenario():
+        first = r.pipeline.stream(GenerateRequest(prompt="import os", max_tokens=32))
+        await anext(first)
+        waiting = asyncio.ensure_future(
+            r.pipeline.complete(GenerateRequest(prompt="import re", max_tokens=32))
+        )
+        await asyncio.sleep(0.01)
+        assert not waiting.done() and r.pipeline.stats().generations_waiting == 1
+        await collect(first)
+        return await waiting
+
+    started, whole = r.run(scenario())
+    assert started.ttt.decision == "skipped" and whole.text == "base"
 
 
 def test_the_training_thread_runs_below_the_other_threads():

@@ -342,6 +342,44 @@ def test_a_streamed_request_is_in_flight_until_its_last_byte(running, monkeypatc
     assert in_flight() == "ttserve_requests_in_flight 0.0"
 
 
+def test_a_full_replica_answers_503_with_retry_after_at_once_and_serves_again(running, monkeypatch):
+    """Admission for generations (ttserve/admission.py), one slot and no queue: while a stream holds the slot,
+    another request is refused at once with an OpenAI-style 503 and Retry-After, not queued until it times
+    out; once the slot is free the same request is answered."""
+    import asyncio
+
+    from ttserve.admission import GenerationSlots
+
+    pipeline = running.replica.pipeline
+    monkeypatch.setattr(pipeline, "slots", GenerationSlots(slots=1, max_waiting=0, max_wait_s=30))
+    real_generate = pipeline.engine.generate
+    release = threading.Event()
+
+    async def held_after_first_chunk(*args, **kwargs):
+        first = True
+        async for chunk in real_generate(*args, **kwargs):
+            yield chunk
+            if first:
+                first = False
+                await asyncio.to_thread(release.wait, 60)
+
+    monkeypatch.setattr(pipeline.engine, "generate", held_after_first_chunk)
+    body = {"model": running.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    try:
+        stream = iter(chat(running, stream=True, extra_body={"compute_budget": 0}))
+        next(stream)  # holds the only slot
+        refused = httpx.post(f"{running.url}/v1/chat/completions", json=body, timeout=30)
+        assert refused.status_code == 503, refused.text
+        assert int(refused.headers["retry-after"]) >= 1
+        error = refused.json()["error"]
+        assert error["type"] == "service_unavailable" and "at capacity" in error["message"]
+    finally:
+        release.set()
+    assert list(stream)[-1].choices[0].finish_reason
+    assert "ttserve_generator_generations_refused_total 1.0" in httpx.get(f"{running.url}/metrics").text
+    assert httpx.post(f"{running.url}/v1/chat/completions", json=body, timeout=30).status_code == 200
+
+
 def test_metrics_count_requests_and_training(running):
     chat(running, extra_body={"compute_budget": 1, "ttt": {"mode": "always"}})
     text = httpx.get(f"{running.url}/metrics").text

@@ -229,6 +229,13 @@ class ServerConfig(_Section):
     training_deadline_s: float = Field(60.0, gt=0)
     max_queued_trainings: PositiveInt = 16  # per generator replica; beyond this, requests skip training
     max_concurrent_requests: PositiveInt = 256  # per ingress; beyond this, 429
+    # Generations per generator replica (ttserve/admission.py): at most this many at once. None: 16 on the
+    # transformers engine, whose decoding threads take turns on one model, so more only slows each down; 256
+    # on vLLM, which batches them. Up to `max_waiting_generations` more wait, each at most
+    # `max_generation_wait_s`; a request beyond either bound gets 503 with Retry-After, not a timeout.
+    max_running_generations: PositiveInt | None = None
+    max_waiting_generations: int = Field(64, ge=0)
+    max_generation_wait_s: float = Field(30.0, gt=0)
     max_request_bytes: PositiveInt = 8 * 2**20  # larger bodies get 413
     # Seconds a request body may take to arrive; a slower one gets 408. uvicorn never times a body out, so a
     # slow-loris client would otherwise hold its connection and its task for as long as it liked.

@@ -56,6 +56,18 @@ class NotReadyError(RequestError):
     """The replica is still loading its model."""
 
 
+class Overloaded(RequestError):
+    """The replica has no generation slot free and its queue is full or too slow: retry after
+    `retry_after` seconds (ttserve/admission.py)."""
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def __reduce__(self):
+        return (type(self), (self.message, self.retry_after))
+
+
 # --- what an engine takes and gives --------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SamplingParams:
@@ -269,6 +281,10 @@ class ReplicaStats:
     cache_evictions: int
     trainings_queued: int  # admitted and not finished (waiting or running)
     training_steps_queued: int
+    adapters_loaded: int = 0  # in the engine (the cache's, plus any being trained into it)
+    generations_running: int = 0  # holding a generation slot (admission.py)
+    generations_waiting: int = 0
+    generations_refused: int = 0  # refused with Overloaded since the replica started
     # vLLM on CPU only (the LoRA gate, engines/lora_gate.py): requests by path, and waits for plain ones.
     gate_plain: int | None = None
     gate_zero_adapter: int | None = None

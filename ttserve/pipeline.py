@@ -22,11 +22,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from dataclasses import replace
 
 from ttserve.adapter_cache import AdapterCache, AdapterKey, AdapterLease
+from ttserve.admission import GenerationSlots
 from ttserve.config import ServerConfig, TrainingConfig
 from ttserve.contract import (
+    Adapter,
     ContextLengthError,
     GenerateRequest,
     GenerationChunk,
@@ -67,6 +70,7 @@ class RequestPipeline:
         default_strategy: Strategy = "sift",
         clock: Callable[[], float] = time.monotonic,
         model: str | None = None,
+        slots: GenerationSlots | None = None,
     ):
         self.engine = engine
         self.trainer = trainer
@@ -83,6 +87,8 @@ class RequestPipeline:
             clock=clock,
         )
         self.training = TrainingThread(trainer, clock)
+        # Admission for generations (admission.py); the engine's own concurrency unless the server sets one.
+        self.slots = slots or GenerationSlots.of(limits, engine.default_concurrency)
         self.generating = 0  # requests past their adapter decision and not yet answered (autoscaling)
 
     def close(self) -> None:
@@ -97,8 +103,12 @@ class RequestPipeline:
             cache_hits=self.adapters.stats.hits,
             cache_misses=self.adapters.stats.misses,
             cache_evictions=self.adapters.stats.evictions,
+            adapters_loaded=len(self.engine.loaded_adapters()),
             trainings_queued=self.training.queued,
             training_steps_queued=self.training.queued_steps,
+            generations_running=self.slots.running,
+            generations_waiting=self.slots.waiting,
+            generations_refused=self.slots.refused,
             gate_plain=gate.plain if gate else None,
             gate_zero_adapter=gate.zero_adapter if gate else None,
             gate_adapted=gate.adapted if gate else None,
@@ -127,7 +137,28 @@ class RequestPipeline:
             arrived -= plan.planning_seconds
 
         outcome, lease = await self._adapter_for(request, plan, arrived)
-        adapter = lease.adapter if lease else None
+        try:
+            # A full replica refuses here (Overloaded), before anything is yielded. An adapter trained for
+            # the refused request stays cached, so its retry reuses it.
+            adapter = lease.adapter if lease else None
+            async with (
+                self.slots.hold(),
+                aclosing(self._answer(request, prompt_ids, max_tokens, outcome, adapter)) as events,
+            ):
+                async for event in events:  # closed with this stream, so the slot is freed only after it
+                    yield event
+        finally:
+            if lease is not None:
+                await lease.release()
+
+    async def _answer(
+        self,
+        request: GenerateRequest,
+        prompt_ids: list[int],
+        max_tokens: int,
+        outcome: TTTOutcome,
+        adapter: Adapter | None,
+    ) -> AsyncIterator[Started | GenerationChunk]:
         self.generating += 1
         try:
             scores = None
@@ -135,12 +166,13 @@ class RequestPipeline:
                 scores = await self.engine.score(prompt_ids, adapter, top_logprobs=request.prompt_logprobs)
             yield Started(prompt_ids, outcome, scores)
             sampling = replace(request.sampling, max_tokens=max_tokens)
-            async for chunk in self.engine.generate(prompt_ids, sampling, adapter, request.request_id):
-                yield chunk
+            async with aclosing(
+                self.engine.generate(prompt_ids, sampling, adapter, request.request_id)
+            ) as chunks:
+                async for chunk in chunks:  # closed at once when the client goes: the engine stops decoding
+                    yield chunk
         finally:
             self.generating -= 1
-            if lease is not None:
-                await lease.release()
 
     async def complete(
         self, request: GenerateRequest, plan: TrainingPlan | None = None

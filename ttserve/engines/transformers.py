@@ -29,6 +29,9 @@ from ttserve.shared_model import SharedModel
 
 
 class TransformersEngine(Engine):
+    # Its decoding threads take turns on one model: more at once only slows each of them down.
+    default_concurrency = 16
+
     def __init__(self, shared: SharedModel, max_model_len: int | None = None, max_concurrency: int = 16):
         super().__init__()
         self.shared = shared
@@ -37,8 +40,8 @@ class TransformersEngine(Engine):
         self.model_name = shared.name
         self.device = shared.device
         self.max_model_len = min(max_model_len or shared.max_length, shared.max_length)
-        # Decoding threads, and the thread that loads and unloads adapters: all wait on the serving lock.
-        self._executor = ThreadPoolExecutor(max_concurrency, thread_name_prefix="ttserve-generate")
+        # Decoding threads, and one more that loads and unloads adapters: all wait on the serving lock.
+        self._executor = ThreadPoolExecutor(max_concurrency + 1, thread_name_prefix="ttserve-generate")
         eos = shared.loaded.model.generation_config.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         if self.tokenizer.eos_token_id is not None:

@@ -29,6 +29,7 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120
 REPLICA_METRICS = (
     ("ttserve_generator_adapters_cached", "adapters in the cache", "gauge", "adapters_cached"),
     ("ttserve_generator_adapter_bytes", "bytes of the cached adapters' files", "gauge", "adapter_bytes"),
+    ("ttserve_generator_adapters_loaded", "adapters loaded in the engine", "gauge", "adapters_loaded"),
     (
         "ttserve_generator_adapter_cache_lookups",
         "adapter cache lookups by result",
@@ -52,6 +53,19 @@ REPLICA_METRICS = (
         "training steps admitted, not taken",
         "gauge",
         "training_steps_queued",
+    ),
+    ("ttserve_generator_generations_running", "generations holding a slot", "gauge", "generations_running"),
+    (
+        "ttserve_generator_generations_waiting",
+        "generations waiting for a slot",
+        "gauge",
+        "generations_waiting",
+    ),
+    (
+        "ttserve_generator_generations_refused",
+        "generations refused for want of a slot (503)",
+        "counter",
+        "generations_refused",
     ),
     (  # vLLM on CPU only: the LoRA gate (engines/lora_gate.py); absent elsewhere
         "ttserve_generator_lora_gate_requests",

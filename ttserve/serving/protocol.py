@@ -44,6 +44,7 @@ from ttserve.contract import (
     Mode,
     NoChatTemplateError,
     NotReadyError,
+    Overloaded,
     RequestError,
     SamplingParams,
     Strategy,
@@ -153,6 +154,8 @@ class APIError(Exception):
             return cls.unprocessable(error.message, error.param)
         if isinstance(error, NotReadyError):
             return cls.unavailable(error.message)
+        if isinstance(error, Overloaded):
+            return cls.unavailable(error.message, retry_after=error.retry_after)
         return cls.bad_request(error.message, error.param)  # InvalidRequest, ContextLengthError
 
 

@@ -122,7 +122,11 @@ async def start_engine(settings: Settings, trainer: TestTimeTrainer) -> Engine:
     if settings.engine.kind == "transformers":
         from ttserve.engines.transformers import TransformersEngine
 
-        return TransformersEngine(trainer.shared, max_model_len=settings.engine.max_model_len)
+        return TransformersEngine(
+            trainer.shared,
+            max_model_len=settings.engine.max_model_len,
+            max_concurrency=settings.server.max_running_generations or TransformersEngine.default_concurrency,
+        )
     from ttserve.engines.vllm import VLLMEngine
     from ttserve.files import default_scratch_root
 

@@ -89,6 +89,7 @@ class Deployment:
     max_ongoing_requests: Setting
     ray_actor_options: ActorOptions
     num_replicas: Setting | None = None
+    max_queued_requests: Setting | None = None  # None: Serve's default (no bound on a caller's queue)
     autoscaling: Autoscaling | None = None
     graceful_shutdown_timeout_s: Setting | None = None  # None: Serve's default (20 s)
     router: Router | None = None  # None: Serve's default (power of two choices)
@@ -186,6 +187,10 @@ def _generated_notice(profile: str) -> str:
     )
 
 
+# Requests that wait at each caller (an Ingress replica) for a Generator slot. Beyond it Serve refuses at
+# once (BackPressureError: 429 with Retry-After) instead of queueing until the client gives up.
+QUEUED_GENERATIONS = Setting(64, "beyond, 429 with Retry-After at once: backpressure, not timeouts")
+
 CPU_DEPLOYMENTS = (
     Deployment(
         name="Ingress",
@@ -222,10 +227,12 @@ CPU_DEPLOYMENTS = (
         name="Generator",
         why=(
             "A single replica: it holds the model, the trainer and the engine, and a second copy would "
-            "not fit a small machine. Requests beyond max_ongoing_requests queue at the caller."
+            "not fit a small machine. Requests beyond max_ongoing_requests queue at the caller, up to "
+            "max_queued_requests."
         ),
         num_replicas=Setting(1),
         max_ongoing_requests=Setting(32, "generations the engine batches at once; training is serialised"),
+        max_queued_requests=QUEUED_GENERATIONS,
         graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN,
         router=ADAPTER_AFFINITY,
         ray_actor_options=ActorOptions(
@@ -319,6 +326,7 @@ GPU_DEPLOYMENTS = (
             "scale up on sustained load only and keep them through lulls."
         ),
         max_ongoing_requests=Setting(32, "concurrent generations vLLM batches; training is serialised"),
+        max_queued_requests=QUEUED_GENERATIONS,
         autoscaling=Autoscaling(
             min_replicas=Setting(1),
             max_replicas=Setting(4, "= the GPU worker group's maxReplicas (deploy/rayservice.yaml)"),
@@ -455,6 +463,7 @@ def _deployment_node(deployment: Deployment) -> Block:
     items: list[Key | Note] = [Key("name", deployment.name), Note(deployment.why)]
     items += _setting("num_replicas", deployment.num_replicas)
     items += _setting("max_ongoing_requests", deployment.max_ongoing_requests)
+    items += _setting("max_queued_requests", deployment.max_queued_requests)
     if (autoscaling := deployment.autoscaling) is not None:
         scaling = Block(
             _setting("min_replicas", autoscaling.min_replicas)
