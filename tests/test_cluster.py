@@ -136,8 +136,10 @@ def cluster_app(server_settings, tmp_path_factory):
     # Scratch space of the replica that was killed is swept by the one that replaced it on this machine, and
     # the others remove theirs when Serve stops them: no directory of a process that has gone is left.
     # (Directories of live processes are another program's, e.g. a test running beside this one.)
-    # A replica Serve starts while it shuts down can be killed before it cleans up (seen, not yet
-    # explained): the sweep the next replica on this machine runs must then find it, and nothing else.
+    # A replica that Serve kills instead of stopping (one still starting, or one past its graceful timeout)
+    # runs no cleanup. Replicas make their directory at their first training, so one killed while starting
+    # leaves none; one killed after it trained leaves its directory to the sweep the next replica on this
+    # machine runs, which must find it, and nothing else.
     from ttserve.files import default_scratch_root, sweep_scratch
 
     sweep_scratch(default_scratch_root())

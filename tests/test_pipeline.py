@@ -527,6 +527,18 @@ def test_a_request_waits_for_a_slot_and_is_then_answered(rig):
     assert started.ttt.decision == "skipped" and whole.text == "base"
 
 
+def test_the_scratch_directory_is_made_at_the_first_training_and_removed_at_close(rig, tmp_path):
+    """A replica killed before it trains (Serve force-kills replicas that are still starting, and a kill runs
+    no cleanup) must leave nothing in /dev/shm: the directory only exists once there is an adapter to hold."""
+    r = rig()
+    ask(r)  # the base model: nothing to write
+    assert list(tmp_path.glob("ttserve-adapters-*")) == []
+    ask(r, compute_budget=2, mode="always")
+    assert len(list(tmp_path.glob("ttserve-adapters-*"))) == 1
+    r.run(r.pipeline.adapters.close())
+    assert list(tmp_path.glob("ttserve-adapters-*")) == []
+
+
 def test_the_training_thread_runs_below_the_other_threads():
     """Linux schedules threads by their own nice value: lowering the training thread's leaves the rest of
     the process (the event loop, inference) where it was."""

@@ -15,6 +15,7 @@ serialises what awaits the engine (loading and unloading adapters) with the book
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import shutil
@@ -113,7 +114,7 @@ class AdapterCache:
         self.engine = engine
         self.max_adapters = max_adapters
         self.max_bytes = max_bytes
-        self.directory = scratch_directory(scratch_dir)
+        self._scratch_root = scratch_dir
         self.stats = CacheStats()
         self._entries: OrderedDict[AdapterKey, _Entry] = OrderedDict()  # least recently used first
         self._training: dict[AdapterKey, asyncio.Future] = {}  # keys being trained now (single flight)
@@ -122,6 +123,17 @@ class AdapterCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @functools.cached_property
+    def directory(self) -> Path:
+        """The adapters' scratch directory, made at the first training: a replica that is killed before it
+        trains (Serve force-kills one still starting, and a kill runs no cleanup) leaves nothing behind."""
+        return scratch_directory(self._scratch_root)
+
+    def remove_directory(self) -> None:
+        """Delete the scratch directory, if one was made. Safe from any thread (Serve's `__del__`)."""
+        if "directory" in self.__dict__:
+            shutil.rmtree(self.directory, ignore_errors=True)
 
     @property
     def bytes(self) -> int:
@@ -220,4 +232,4 @@ class AdapterCache:
             for entry in list(self._entries.values()):
                 await self.engine.remove_adapter(entry.adapter)
             self._entries.clear()
-        shutil.rmtree(self.directory, ignore_errors=True)
+        self.remove_directory()

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
@@ -167,7 +166,7 @@ class GeneratorDeployment:
         # Serve calls this on graceful shutdown: free the adapters' scratch space (memory, in /dev/shm).
         pipeline = getattr(getattr(self, "replica", None), "pipeline", None)
         if pipeline is not None:
-            shutil.rmtree(pipeline.adapters.directory, ignore_errors=True)
+            pipeline.adapters.remove_directory()
 
     async def check_health(self) -> None:
         """Serve's health check: a replica whose engine died (vLLM's engine process) raises here, and Serve
