@@ -119,3 +119,81 @@ def test_metrics_include_the_generator_replicas_counters(ray_app):
         if line.startswith('ttserve_generator_adapter_cache_lookups_total{result="miss"}')
     )
     assert float(misses.split()[-1]) >= 1
+
+
+def test_a_planner_replica_killed_under_load_is_replaced_and_no_request_fails_badly(ray_app):
+    """The Planner replica dies while training requests stream in. A request in flight ends with an answer
+    or a retryable 503, never a 500 or a hang: its plan call fails, the Generator plans it itself, and its
+    retrieval waits for the Planner Serve starts in place of the dead one (at most
+    server.retrieval_timeout_s, then the base model answers). Then requests train with retrieval again."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import ray
+
+    def planners() -> set[tuple[str, str]]:
+        return {
+            (actor["name"], actor["namespace"])
+            for actor in ray.util.list_named_actors(all_namespaces=True)
+            if "#Planner#" in actor["name"]
+        }
+
+    (victim,) = planners()
+    stop, outcomes, lock = threading.Event(), [], threading.Lock()
+
+    def client_loop(worker: int) -> None:
+        client = ray_app.client(timeout=120)
+        for i in range(200):
+            if stop.is_set():
+                return
+            body = {"compute_budget": 2, "ttt": {"mode": "always"}}
+            try:
+                response = client.chat.completions.create(
+                    model="tiny-test",
+                    messages=[{"role": "user", "content": f"def handler_{worker}_{i}(event):"}],
+                    max_tokens=4,
+                    temperature=0,
+                    extra_body=body,
+                )
+                outcome = ("ok", ttt_of(response))
+            except openai.APIStatusError as error:
+                outcome = (error.status_code, error.message)
+            with lock:
+                outcomes.append((time.monotonic(), outcome))
+
+    def answered() -> int:
+        with lock:
+            return sum(outcome[0] == "ok" for _, outcome in outcomes)
+
+    with ThreadPoolExecutor(3) as pool:
+        workers = [pool.submit(client_loop, worker) for worker in range(3)]
+        deadline = time.monotonic() + 120
+        while answered() < 3:  # the load is in progress
+            assert time.monotonic() < deadline, outcomes
+            time.sleep(0.05)
+        ray.kill(ray.get_actor(victim[0], namespace=victim[1]), no_restart=True)
+        killed = time.monotonic()
+        while not (planners() - {victim}) or answered_after(outcomes, lock, killed) < 3:
+            assert time.monotonic() < deadline + 180, "no new Planner replica, or no answers after it"
+            time.sleep(0.2)
+        stop.set()
+        for worker in workers:
+            worker.result()
+
+    statuses = {outcome[0] for _, outcome in outcomes}
+    assert statuses <= {"ok", 503}, outcomes  # never a 500, never a timeout (it would have raised)
+    # With the new Planner, training requests retrieve and train again.
+    fresh = ttt_of(
+        chat(
+            ray_app,
+            content="def on_restart(event):",
+            extra_body={"compute_budget": 2, "ttt": {"mode": "always"}},
+        )
+    )
+    assert fresh["decision"] == "trained" and fresh["selected_ids"], fresh
+
+
+def answered_after(outcomes: list, lock, moment: float) -> int:
+    with lock:
+        return sum(when > moment and outcome[0] == "ok" for when, outcome in outcomes)
