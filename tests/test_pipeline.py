@@ -201,6 +201,7 @@ def rig(tmp_path):
             retrieve=retrieval,
             limits=ServerConfig(**{"default_compute_budget": 0, "max_compute_budget": 64, **limits}),
             clock=clock,
+            wall_clock=clock,
         )
         return Rig(pipeline, engine, trainer, retrieval, clock)
 
@@ -434,16 +435,19 @@ def test_a_plan_made_elsewhere_is_carried_out_without_retrieving_again(rig):
     )
 
 
-def test_time_spent_planning_elsewhere_counts_against_the_deadline(rig):
+def test_time_spent_queued_and_planned_elsewhere_counts_against_the_deadline(rig):
     r = rig()
     r.trainer.clock = r.clock  # a training step takes one second of the pipeline's clock
     request = GenerateRequest(
         prompt="import json", max_tokens=8, compute_budget=3, mode="always", deadline_s=2.5
     )
     plan = r.run(r.pipeline.planner.plan(request, "import json"))
-    plan.planning_seconds = 2.0  # as a Planner replica would report it
-    started, _ = r.run(r.pipeline.complete(request, plan))
+    # Received 2 s ago (planned by a Planner replica, queued at the ingress): half a second is left.
+    received = replace(request, received_at=r.clock.now - 2.0)
+    started, _ = r.run(r.pipeline.complete(received, plan))
     assert (started.ttt.steps, started.ttt.planned_steps, started.ttt.stopped) == (1, 3, "deadline")
+    fresh, _ = r.run(r.pipeline.complete(replace(request, received_at=r.clock.now), plan))
+    assert fresh.ttt.steps == 3 and fresh.ttt.stopped is None
 
 
 def test_a_plan_does_not_bypass_the_budget_cap(rig):

@@ -200,6 +200,9 @@ class GenerateRequest:
     # Adapters are reused only between requests with the same salt (the tenant's, and the request's own
     # `cache_salt`): see ServerConfig.salt_adapters_by_key.
     cache_salt: str | None = None
+    # When the server received it (time.time(), stamped by the HTTP layer): the time it then spent queued
+    # and planned before a replica took it counts against its training deadline.
+    received_at: float | None = None
 
     def retrieval_text(self) -> str | None:
         """The text retrieval searches with: the messages' contents, or the prompt. None for a prompt of token
@@ -248,7 +251,6 @@ class TrainingPlan:
     outcome: TTTOutcome  # so far: the decision (skipped, or fallback when retrieval failed), reason, picks
     texts: list[str] = field(default_factory=list)  # the picks' texts, in training order
     variances: list[float] = field(default_factory=list)  # SIFT's uncertainty after 0, 1, ... picks
-    planning_seconds: float = 0.0  # time spent planning, which counts against the request's deadline
 
     @property
     def steps(self) -> int:

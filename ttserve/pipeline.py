@@ -54,8 +54,9 @@ __all__ = ["RequestPipeline", "Retrieve"]
 
 class RequestPipeline:
     """The request orchestrator of one replica. `clock` is time.monotonic (deadlines given to the trainer
-    are on it); tests may pass another. `model` names the base model in adapter keys (default: the
-    trainer's); replicas that share adapter ids across processes must agree on it."""
+    are on it) and `wall_clock` time.time (requests' `received_at`); tests may pass others. `model` names
+    the base model in adapter keys (default: the trainer's); replicas that share adapter ids across
+    processes must agree on it."""
 
     def __init__(
         self,
@@ -69,6 +70,7 @@ class RequestPipeline:
         limits: ServerConfig,
         default_strategy: Strategy = "sift",
         clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
         model: str | None = None,
         slots: GenerationSlots | None = None,
     ):
@@ -77,6 +79,7 @@ class RequestPipeline:
         self.adapters = adapters
         self.limits = limits
         self.clock = clock
+        self.wall_clock = wall_clock  # what requests' received_at is on (shared across machines)
         self.planner = RequestPlanner(
             retrieve=retrieve,
             policy=policy,
@@ -130,11 +133,12 @@ class RequestPipeline:
             self.engine.check_context(prompt_ids, max_tokens)
         except ContextLengthError as error:
             raise ContextLengthError(error.message, "messages" if request.messages else "prompt") from None
+        if request.received_at is not None:  # queued and planned before this replica took it: counts too
+            arrived -= max(0.0, self.wall_clock() - request.received_at)
         if plan is None:
             plan = await self.planner.plan(request, query)
-        else:  # planned before it reached this replica: that time counts against its deadline
+        else:  # planned elsewhere: the cap still holds here
             self.planner.budget(request.compute_budget)
-            arrived -= plan.planning_seconds
 
         outcome, lease = await self._adapter_for(request, plan, arrived)
         try:

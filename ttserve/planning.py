@@ -99,7 +99,6 @@ class RequestPlanner:
     async def plan(self, request: GenerateRequest, query: str) -> TrainingPlan:
         """The plan for `request`, whose retrieval text is `query`. Raises `InvalidRequest` for a budget
         over the cap; a retrieval fault is not an error: the plan says `fallback` and why."""
-        started = self.clock()
         skipped = self.plan_before_retrieval(request, query)
         if skipped is not None:
             return skipped
@@ -117,7 +116,6 @@ class RequestPlanner:
             outcome.reason = (
                 f"retrieval failed ({type(error).__name__}: {error}); answered with the base model"
             )
-            plan.planning_seconds = self.clock() - started
             return plan
         planned = self.policy.plan(retrieval.selection, outcome.budget, request.mode)
         outcome.strategy = retrieval.strategy
@@ -135,5 +133,4 @@ class RequestPlanner:
             outcome.adapter_id = self.adapter_key(picks, planned.steps, request.cache_salt).digest
         plan.texts = retrieval.texts[: planned.steps]
         plan.variances = [float(v) for v in retrieval.variances]
-        plan.planning_seconds = self.clock() - started
         return plan

@@ -351,6 +351,7 @@ class _SamplingRequest(_RequestModel):
             compute_budget=self.compute_budget,
             request_id=uuid.uuid4().hex,
             cache_salt=self.cache_salt,
+            received_at=time.time(),
             **ttt.model_dump(),  # strategy, lam, mode, deadline_s, n: the same names in GenerateRequest
             **prompt,
         )
