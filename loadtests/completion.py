@@ -19,6 +19,8 @@ class Reading:
     output_tokens: int | None = None
     ttt: dict[str, Any] | None = None  # the response's `ttt` object
     stream_error: str | None = None  # the message of an error event in the middle of a stream
+    text: str = ""  # the answer (the first choice's), as far as it was read
+    abandoned: bool = False  # the reader stopped after the first piece of content, on purpose
 
     def take(self, obj: dict[str, Any]) -> None:
         """Keep the usage and the ttt object of a response or of a chunk, whichever carries them."""
@@ -32,14 +34,22 @@ class Reading:
 
 def read_whole(body: bytes) -> Reading:
     reading = Reading()
-    reading.take(json.loads(body))
+    response = json.loads(body)
+    reading.take(response)
+    first = (response.get("choices") or [{}])[0]
+    if isinstance(first, dict):  # a chat answer carries a message, a text completion carries text
+        reading.text = (first.get("message") or {}).get("content") or first.get("text") or ""
     return reading
 
 
 def read_stream(
-    lines: Iterable[bytes], started: float, clock: Callable[[], float] = time.perf_counter
+    lines: Iterable[bytes],
+    started: float,
+    clock: Callable[[], float] = time.perf_counter,
+    stop_at_first_content: bool = False,
 ) -> Reading:
-    """Server-sent events: `data: {chunk}` lines, up to `data: [DONE]`."""
+    """Server-sent events: `data: {chunk}` lines, up to `data: [DONE]`; with `stop_at_first_content`, only
+    up to the first non-empty piece of content (the caller then closes the connection: a client gone)."""
     reading, pieces = Reading(), 0
     for line in lines:
         if not line.startswith(b"data:"):
@@ -56,9 +66,14 @@ def read_stream(
             text = (choice.get("delta") or {}).get("content") or choice.get("text")
             if text:
                 pieces += 1
+                if choice.get("index", 0) == 0:
+                    reading.text += text
                 if reading.ttft_s is None:
                     reading.ttft_s = clock() - started
         reading.take(chunk)
+        if stop_at_first_content and pieces:
+            reading.abandoned = True
+            return reading
     if reading.output_tokens is None:  # a server that ignores include_usage: count the pieces of text
         reading.output_tokens = pieces
     return reading

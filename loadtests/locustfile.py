@@ -5,8 +5,10 @@
 
 Locust runs the users, the clock and its own statistics. This file adds ttserve's parts: each request
 draws its `compute_budget` from `--budget-mix` and is named by it (`chat budget=8`), so locust's table
-splits by budget; each response's `ttt.decision` is tallied as a custom event (`ttt`, `budget=8 trained`);
-and at test stop the ttserve report (report.py) is printed, and written with `--report-json`.
+splits by budget; it is streamed or not (`--stream-share`), and a stream may be abandoned after its first
+chunk (`--cancel-share`); each response's `ttt.decision` is tallied as a custom event (`ttt`, `budget=8
+trained`); `--max-requests` ends the run by itself; and at test stop the ttserve report (report.py) is
+printed, and written with `--report-json`.
 Exit status: 0 when at least one request succeeded, 1 when none did, 2 for bad options.
 See loadtests/README.md for the user model and how to read the results.
 """
@@ -19,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+import gevent
 import requests
 import urllib3
 from gevent import GreenletExit
@@ -30,8 +33,9 @@ from locust.runners import MasterRunner
 # This file's siblings, none of which imports locust: locust puts this directory first on sys.path while it
 # imports a locustfile.
 from completion import error_message, read_stream, read_whole
-from report import Record, build_report, markdown, run_config, write_json
-from workload import DEFAULT_PROMPTS, Workload, checked_budget_mix, load_prompts, parse_budget_mix
+from prompts import prompt_source
+from report import CLIENT_CANCELLED, Record, answer_hash, build_report, markdown, run_config, write_json
+from workload import Workload, checked_budget_mix, parse_budget_mix
 
 MAX_PAUSE_S = 60.0  # the longest Retry-After honoured, so one header cannot idle a user for a whole run
 
@@ -50,13 +54,29 @@ def _number(minimum: float, above: bool = False):
     return parse
 
 
-def _prompts_file(text: str) -> str:
-    """Read the file once here, so a missing or empty one stops locust before the test starts."""
-    if text:
-        try:
-            load_prompts(Path(text))
-        except (OSError, UnicodeDecodeError, ValueError) as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
+def _share(text: str) -> float:
+    value = _number(0)(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError("must be a share between 0 and 1")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0")
+    return value
+
+
+def _prompts(text: str) -> str:
+    """Read the prompts once here, so a missing or empty file stops locust before the test starts."""
+    try:
+        prompt_source(text)
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
     return text
 
 
@@ -70,10 +90,13 @@ def add_options(parser) -> None:
         help="BUDGET:WEIGHT,... compute_budget values and their shares; BUDGET 'default' sends none",
     )
     parser.add_argument(
+        "--prompts",
         "--prompts-file",
-        type=_prompts_file,
-        default="",
-        help="one prompt per line, plain text or a JSON string (default: a built-in list of 20)",
+        dest="prompts",
+        type=_prompts,
+        default="builtin",
+        help="builtin (20 prompts), stdlib (about a thousand 'What does `json.dumps` do?' prompts), "
+        "stdlib:N (the first N of those), or a file: one prompt per line, plain text or a JSON string",
     )
     parser.add_argument(
         "--endpoint",
@@ -90,10 +113,28 @@ def add_options(parser) -> None:
         help="bearer token when the server sets server.api_key (default: $OPENAI_API_KEY)",
     )
     parser.add_argument(
-        "--stream",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="stream responses; needed for time to first token (default: --stream)",
+        "--stream-share",
+        type=_share,
+        default=1.0,
+        help="the share of requests streamed, the rest answered whole; streams give time to first token "
+        "(default 1; --stream and --no-stream are 1 and 0)",
+    )
+    for flag, share in (("--stream", 1.0), ("--no-stream", 0.0)):  # shorthands; the web UI shows the share
+        parser.add_argument(
+            flag,
+            dest="stream_share",
+            action="store_const",
+            const=share,
+            default=argparse.SUPPRESS,  # --stream-share's default stands
+            include_in_web_ui=False,
+            help=f"--stream-share {share:g}",
+        )
+    parser.add_argument(
+        "--cancel-share",
+        type=_share,
+        default=0.0,
+        help="the share of streamed requests the client abandons (closes the connection) after the first "
+        "piece of content; counted as client_cancelled, not as errors",
     )
     parser.add_argument("--max-tokens", type=int, default=32, help="max_tokens per request")
     parser.add_argument("--temperature", type=_number(0), default=0.0, help="sampling temperature")
@@ -123,6 +164,13 @@ def add_options(parser) -> None:
         "arrivals that find their user busy (0: closed loop, each user sends again at once)",
     )
     parser.add_argument(
+        "--max-requests",
+        type=_count,
+        default=0,
+        help="stop the run after this many requests have been sent, then let those in flight finish for "
+        "--stop-timeout (0: no limit; -t still bounds the run in time)",
+    )
+    parser.add_argument(
         "--report-json",
         default="",
         help="also write the ttserve report as JSON here: configuration, summaries, every request",
@@ -141,22 +189,36 @@ class LoadTest:
             endpoint=options.endpoint,
             model=options.model,
             budget_mix=parse_budget_mix(options.budget_mix),
-            prompts=load_prompts(Path(options.prompts_file)) if options.prompts_file else DEFAULT_PROMPTS,
+            prompts=prompt_source(options.prompts),
             max_tokens=options.max_tokens,
             temperature=options.temperature,
-            stream=options.stream,
+            stream_share=options.stream_share,
+            cancel_share=options.cancel_share,
             ttt=ttt,
         )
         self.options = options
         self.headers = {"Authorization": f"Bearer {options.api_key}"} if options.api_key else {}
         self.records: list[Record] = []
+        self.sent = 0
         self.dropped = 0  # Poisson arrivals that found their user busy
         self.started = time.perf_counter()
+        self.started_unix = time.time()
         self.issuing_s: float | None = None
         self.json_error: str | None = None  # why --report-json could not be written
 
     def clock(self) -> float:
         return time.perf_counter() - self.started
+
+    def take_turn(self, runner) -> bool:
+        """Count a request about to be sent; False once --max-requests have been. The last one stops the
+        test as -t does: requests in flight get --stop-timeout, and a headless locust then quits."""
+        limit = self.options.max_requests
+        if limit and self.sent >= limit:
+            return False
+        self.sent += 1
+        if self.sent == limit:
+            gevent.spawn(runner.quit if self.options.headless else runner.stop)
+        return True
 
     def report(self) -> dict:
         elapsed = self.clock()
@@ -167,6 +229,7 @@ class LoadTest:
             elapsed_s=elapsed,
             issuing_s=self.issuing_s if self.issuing_s is not None else elapsed,
             dropped=self.dropped,
+            started_unix=round(self.started_unix, 3),
         )
 
 
@@ -205,23 +268,30 @@ class CompletionUser(HttpUser):
 
     @task
     def complete(self) -> None:
-        if load_test.issuing_s is not None:
-            raise StopUser()  # the test is stopping, and this user woke from its wait just then
+        if load_test.issuing_s is not None or not load_test.take_turn(self.environment.runner):
+            raise StopUser()  # the test is stopping (-t, or --max-requests sent) as this user woke
         workload = load_test.workload
-        budget, prompt_index = workload.draw(self.rng)
-        record = Record(budget=budget, prompt_index=prompt_index, start_s=round(load_test.clock(), 6))
+        draw = workload.draw(self.rng)
+        record = Record(
+            budget=draw.budget,
+            prompt_index=draw.prompt_index,
+            start_s=round(load_test.clock(), 6),
+            stream=draw.stream,
+            max_tokens=workload.max_tokens,
+            temperature=workload.temperature,
+        )
         started = time.perf_counter()
         try:
             with self.client.post(
                 workload.path,
-                json=workload.body(budget, prompt_index),
+                json=workload.body(draw),
                 headers=load_test.headers,
                 stream=True,  # the body is read below, so that its time and its failures count too
                 timeout=load_test.options.timeout,
-                name=f"{workload.endpoint} budget={budget}",
+                name=f"{workload.endpoint} budget={draw.budget}",
                 catch_response=True,
             ) as response:
-                self._read(response, record, started)
+                self._read(response, record, started, draw.stream, draw.cancel)
                 record.latency_s = round(time.perf_counter() - started, 6)
                 # locust timed the request up to its headers; its table should show the whole request
                 response.request_meta["response_time"] = record.latency_s * 1000
@@ -241,7 +311,7 @@ class CompletionUser(HttpUser):
             load_test.records.append(record)
         self._tally(record)
 
-    def _read(self, response, record: Record, started: float) -> None:
+    def _read(self, response, record: Record, started: float, stream: bool, cancel: bool) -> None:
         """Fill the record from the response. A failure becomes its status, never an exception."""
         try:
             if response.status_code == 0:  # no response at all: locust's client kept the exception
@@ -250,8 +320,10 @@ class CompletionUser(HttpUser):
                 record.status, record.error = str(response.status_code), error_message(response.content)
                 self.pause_s = _back_off(response, self.rng)
                 return
-            if load_test.workload.stream:
-                reading = read_stream(response.iter_lines(chunk_size=None), started)
+            if stream:
+                reading = read_stream(
+                    response.iter_lines(chunk_size=None), started, stop_at_first_content=cancel
+                )
             else:
                 reading = read_whole(response.content)
         except requests.RequestException as error:
@@ -268,6 +340,11 @@ class CompletionUser(HttpUser):
             record.take_ttt(reading.ttt)
         if reading.stream_error is not None:
             record.status, record.error = "stream_error", reading.stream_error
+        elif reading.abandoned:
+            response.close()  # with the body unread, this closes the connection: the server sees a client gone
+            record.status, record.error = CLIENT_CANCELLED, "closed by the client after the first chunk"
+        else:
+            record.answer_hash = answer_hash(reading.text)
 
     def _tally(self, record: Record) -> None:
         """One `ttt` event per answered request, so locust's table and CSV count decisions per budget."""

@@ -1,21 +1,41 @@
-"""The locust load test: its report, its request and response handling, and one short run against the server.
+"""The locust load test: its report, its request and response handling, the prompts, the server monitor, the
+scenarios' checks and plots, and one short run against the server.
 
 The run is a subprocess: locust monkey-patches the standard library with gevent on import, which must not
-happen inside pytest's process. The other modules import no locust and are tested here directly.
+happen inside pytest's process. The other modules import no locust and are tested here directly. The soak
+scenario end to end is tests/test_soak.py.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import random
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from loadtests import checks
 from loadtests.completion import error_message, read_stream, read_whole
-from loadtests.report import Record, build_report, fallback_kind, markdown, percentile, run_config, write_json
-from loadtests.workload import DEFAULT_BUDGET, Workload, parse_budget_mix
+from loadtests.monitor import Monitor, Sample, adapters_on_disk, read_gauges, slope_per_min, summarise
+from loadtests.plots import window_width, write_plots
+from loadtests.prompts import DEFAULT_PROMPTS, prompt_source, stdlib_prompts
+from loadtests.report import (
+    CLIENT_CANCELLED,
+    Record,
+    answer_check,
+    answer_hash,
+    build_report,
+    fallback_kind,
+    markdown,
+    percentile,
+    run_config,
+    write_json,
+)
+from loadtests.workload import DEFAULT_BUDGET, Draw, Workload, parse_budget_mix
 
 REPO = Path(__file__).resolve().parents[1]
 LOCUSTFILE = REPO / "loadtests" / "locustfile.py"
@@ -33,7 +53,7 @@ CONFIG = {
     "host": "http://127.0.0.1:8000",
     "endpoint": "chat",
     "model": "m",
-    "stream": True,
+    "stream_share": 1.0,
     "max_tokens": 16,
     "budget_mix": "0:0.7,8:0.2,32:0.1",
     "num_users": 4,
@@ -88,7 +108,7 @@ def test_report_has_a_row_per_budget_with_its_own_statistics():
 
 def test_default_budget_sorts_after_the_numbers_and_ttft_needs_streaming():
     records = [ok("default", 0.1, "skipped"), ok("16", 0.1, "skipped"), ok("2", 0.1, "skipped")]
-    report = build_report(records, CONFIG | {"stream": False}, ["default", "16", "2"], 1.0, 1.0)
+    report = build_report(records, CONFIG | {"stream_share": 0.0}, ["default", "16", "2"], 1.0, 1.0)
     assert list(report["by_budget"]) == ["2", "16", DEFAULT_BUDGET]
     assert report["overall"]["ttft_s"] is None
     assert "TTFT p50 s" not in markdown(report)
@@ -149,6 +169,57 @@ def test_json_report_has_every_record_and_no_secret(tmp_path):
     assert [r["status"] for r in saved["records"]] == ["ok", "503"]
 
 
+def answer(
+    prompt: int, adapter: str | None, text: str, max_tokens: int = 8, temperature: float = 0.0
+) -> Record:
+    """A complete answer to prompt `prompt` with `adapter` (None: the base model)."""
+    return Record(
+        budget="4", prompt_index=prompt, start_s=0.0, max_tokens=max_tokens, temperature=temperature,
+        latency_s=0.1, decision="reused", adapter_id=adapter, answer_hash=answer_hash(text),
+    )  # fmt: skip
+
+
+def test_the_wrong_adapter_check_passes_equal_answers_and_catches_a_different_one():
+    same = [answer(0, "a1", "x"), answer(0, "a1", "x"), answer(0, None, "base"), answer(0, None, "base")]
+    check = answer_check(same)
+    assert check == {"groups_checked": 2, "answers_checked": 4, "mismatches": []}
+
+    apart = [
+        answer(0, "a1", "x"),
+        answer(0, "a2", "y"),  # another adapter: another group
+        answer(1, "a1", "z"),  # another prompt
+        answer(0, "a1", "w", max_tokens=16),  # another length
+        answer(0, "a1", "v", temperature=0.7),  # sampled: not checked
+        failed("4", "503", "busy"),
+    ]
+    assert answer_check(apart) == {"groups_checked": 0, "answers_checked": 0, "mismatches": []}
+
+    wrong = [answer(3, "a1", "x"), answer(3, "a1", "x"), answer(3, "a1", "from another adapter")]
+    check = answer_check(wrong)
+    assert check["groups_checked"] == 1 and len(check["mismatches"]) == 1
+    mismatch = check["mismatches"][0]
+    assert mismatch["prompt_index"] == 3 and mismatch["adapter_id"] == "a1" and mismatch["max_tokens"] == 8
+    assert sorted(mismatch["answers"].values()) == [1, 2]
+    report = build_report(wrong, CONFIG, ["4"], 1.0, 1.0)
+    assert report["answer_check"] == check
+    assert "Wrong-adapter check: 1 groups of identical greedy requests (3 answers), 1 with differing" in (
+        markdown(report)
+    )
+
+
+def test_client_cancellations_are_counted_on_their_own_not_as_errors():
+    cancelled = Record("0", 0, 0.0, stream=True, status=CLIENT_CANCELLED, latency_s=0.2, ttft_s=0.1)
+    records = [cancelled, ok("0", 0.3, "skipped"), failed("0", "429", "busy")]
+    report = build_report(records, CONFIG | {"cancel_share": 0.5}, ["0"], 1.0, 1.0)
+    overall = report["overall"]
+    assert overall["client_cancelled"] == 1 and overall["errors"] == {"429": 1} and overall["ok"] == 1
+    assert CLIENT_CANCELLED not in report["error_examples"]
+    text = markdown(report)
+    assert table(text)["all"]["client cancelled"] == "1" and table(text)["all"]["errors"] == "429×1"
+    assert "50% of streams abandoned after their first chunk" in text
+    assert "client cancelled" not in markdown(build_report(records, CONFIG, ["0"], 1.0, 1.0))
+
+
 # --- completion.py and workload.py ----------------------------------------------------------------------
 def sse(*chunks) -> list[bytes]:
     return [line for c in chunks for line in (f"data: {json.dumps(c)}".encode(), b"")] + [b"data: [DONE]"]
@@ -165,6 +236,20 @@ def test_a_stream_times_the_first_content_and_takes_ttt_from_the_last_chunk():
     reading = read_stream(lines, started=10.0, clock=lambda: next(times))
     assert reading.ttft_s == 0.25 and reading.output_tokens == 2 and reading.prompt_tokens == 7
     assert reading.ttt == {"decision": "reused"} and reading.stream_error is None
+    assert reading.text == "def f" and not reading.abandoned
+
+
+def test_a_stream_read_for_cancelling_stops_at_the_first_content():
+    lines = iter(
+        sse(
+            {"choices": [{"delta": {"role": "assistant", "content": ""}}]},
+            {"choices": [{"delta": {"content": "def"}}]},
+            {"choices": [{"delta": {"content": " f"}}]},
+        )
+    )
+    reading = read_stream(lines, started=0.0, clock=lambda: 0.5, stop_at_first_content=True)
+    assert reading.abandoned and reading.text == "def" and reading.ttft_s == 0.5
+    assert next(lines) == b""  # the rest of the stream was left unread, for the caller to close
 
 
 def test_a_stream_reports_an_error_event_and_counts_text_without_usage():
@@ -185,6 +270,9 @@ def test_whole_responses_and_error_bodies():
     }
     reading = read_whole(json.dumps(body).encode())
     assert reading.output_tokens == 5 and reading.ttt["decision"] == "skipped" and reading.ttft_s is None
+    chat_answer = {"choices": [{"message": {"role": "assistant", "content": "hi"}}]}
+    assert read_whole(json.dumps(chat_answer).encode()).text == "hi"
+    assert read_whole(json.dumps({"choices": [{"text": "def"}]}).encode()).text == "def"
     assert error_message(b'{"error": {"message": "budget above 64", "type": "invalid_request_error"}}') == (
         "budget above 64"
     )
@@ -202,39 +290,217 @@ def test_budget_mix_parsing():
             parse_budget_mix(bad)
 
 
-def test_request_bodies_carry_the_budget_and_the_ttt_object():
-    workload = Workload(
+def workload(**fields) -> Workload:
+    defaults = dict(
         endpoint="chat",
         model="m",
         budget_mix={"8": 1.0, DEFAULT_BUDGET: 1.0},
         prompts=["hello"],
         max_tokens=4,
         temperature=0.0,
-        stream=True,
+        stream_share=1.0,
         ttt={"mode": "always"},
     )
-    body = workload.body("8", 0)
+    return Workload(**defaults | fields)
+
+
+def test_request_bodies_carry_the_budget_and_the_ttt_object():
+    body = workload().body(Draw("8", 0, stream=True, cancel=False))
     assert body["compute_budget"] == 8 and body["ttt"] == {"mode": "always"}
     assert body["messages"] == [{"role": "user", "content": "hello"}]
     assert body["stream_options"] == {"include_usage": True}
-    assert "compute_budget" not in workload.body(DEFAULT_BUDGET, 0)  # the server's default applies
+    whole = workload().body(Draw(DEFAULT_BUDGET, 0, stream=False, cancel=False))
+    assert "compute_budget" not in whole  # the server's default applies
+    assert "stream" not in whole and "stream_options" not in whole
+
+
+def test_a_share_of_requests_is_streamed_and_only_streams_are_cancelled():
+    rng = random.Random(7)
+    draws = [workload(stream_share=0.5, cancel_share=0.5).draw(rng) for _ in range(400)]
+    streams = [d for d in draws if d.stream]
+    assert 150 < len(streams) < 250
+    assert all(d.stream for d in draws if d.cancel)
+    assert 0 < sum(d.cancel for d in streams) < len(streams)
+    never = [workload(stream_share=0.0, cancel_share=1.0).draw(rng) for _ in range(50)]
+    assert not any(d.stream or d.cancel for d in never)
+    always = [workload(stream_share=1.0, cancel_share=1.0).draw(rng) for _ in range(50)]
+    assert all(d.stream and d.cancel for d in always)
+
+
+# --- prompts.py -----------------------------------------------------------------------------------------
+def test_prompt_sources(tmp_path):
+    assert prompt_source("builtin") == DEFAULT_PROMPTS and len(DEFAULT_PROMPTS) == 20
+    every = prompt_source("stdlib")
+    assert len(every) >= 300 and len(set(every)) == len(every)  # distinct, for fresh trainings
+    assert every == stdlib_prompts()  # the same on every call
+    assert prompt_source("stdlib:50") == every[:50]
+    modules = {p.split("`")[1].split(".")[0] for p in every[:50]}
+    assert len(modules) >= 40  # the first ones take one name per module in turn
+    assert "What does `json.dumps` do?" in every
+    path = tmp_path / "prompts.txt"
+    path.write_text('plain prompt\n\n"with\\na newline"\n')
+    assert prompt_source(str(path)) == ["plain prompt", "with\na newline"]
+    for bad in ("stdlib:0", "stdlib:x", str(tmp_path / "missing.txt")):
+        with pytest.raises((ValueError, OSError)):
+            prompt_source(bad)
+
+
+# --- monitor.py -----------------------------------------------------------------------------------------
+def test_slopes_are_per_minute_and_leave_the_warm_up_out():
+    assert slope_per_min([(0.0, 10.0), (30.0, 11.0), (60.0, 12.0)]) == pytest.approx(2.0)
+    assert slope_per_min([(5.0, 1.0)]) is None and slope_per_min([(5.0, 1.0), (5.0, 2.0)]) is None
+    # memory jumps while warming up, then stays flat
+    samples = [Sample(t_s=t, unix_s=t, rss_mb=100.0 if t < 20 else 500.0, threads=10) for t in range(100)]
+    samples[-1].threads = 12
+    for s in samples:  # one process grows by 1 MB a minute, another stays flat
+        s.rss_mb_by_process = {"ray::Generator": 300.0 + s.t_s / 60, "raylet": 50.0}
+    summary = summarise(samples, warmup_fraction=0.25)
+    assert summary["rss_slope_per_min_by_process"] == {"ray::Generator": pytest.approx(1.0), "raylet": 0.0}
+    rss, threads = summary["series"]["rss_mb"], summary["series"]["threads"]
+    assert rss["slope_per_min"] == pytest.approx(0.0) and rss["warmup_max"] == 500.0 and rss["max"] == 500.0
+    assert threads["last"] == 12 and threads["warmup_max"] == 10
+    assert "fds" not in summary["series"]  # never measured
+    assert summarise([]) == {"samples": 0, "series": {}}
+
+
+METRICS_TEXT = """\
+# HELP ttserve_requests_in_flight requests being answered
+# TYPE ttserve_requests_in_flight gauge
+ttserve_requests_in_flight 3.0
+# HELP ttserve_generator_adapters_cached adapters in the cache
+# TYPE ttserve_generator_adapters_cached gauge
+ttserve_generator_adapters_cached 4.0
+# HELP ttserve_generator_adapter_evictions_total adapters evicted
+# TYPE ttserve_generator_adapter_evictions_total counter
+ttserve_generator_adapter_evictions_total 17.0
+# HELP ttserve_requests_total HTTP requests
+# TYPE ttserve_requests_total counter
+ttserve_requests_total{endpoint="chat",status="200"} 12.0
+"""
+
+
+def test_metrics_gauges_are_read_when_present():
+    gauges = read_gauges(METRICS_TEXT)
+    assert gauges == {"requests_in_flight": 3.0, "adapters_cached": 4.0, "adapter_evictions": 17.0}
+    assert read_gauges("") == {}
+
+
+def test_adapters_on_disk_counts_finished_adapter_directories(tmp_path):
+    replica = tmp_path / "ttserve-adapters-123-abc"
+    for name in ("adapter-1", "adapter-2", ".adapter-3.building-xyz"):  # the last one is still being written
+        (replica / name).mkdir(parents=True)
+    (tmp_path / "ttserve-adapters-456-def" / "adapter-9").mkdir(parents=True)
+    (tmp_path / "unrelated" / "adapter-1").mkdir(parents=True)
+    assert adapters_on_disk(tmp_path) == 3
+    assert adapters_on_disk(tmp_path / "missing") == 0
+
+
+def test_the_monitor_samples_a_process_tree(tmp_path):
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        monitor = Monitor(pid=os.getpid(), metrics_url="http://127.0.0.1:9/metrics", scratch_dir=tmp_path)
+        sample = monitor.sample()
+    finally:
+        child.kill()
+        child.wait()
+    assert sample.processes >= 2 and sample.threads >= 2 and sample.fds > 0 and sample.rss_mb > 0
+    assert sum(sample.rss_mb_by_process.values()) == pytest.approx(sample.rss_mb, abs=1.0)
+    assert sample.adapters_on_disk == 0 and sample.gauges == {}
+    assert monitor.errors and "URLError" in monitor.errors[0]  # nothing listens there: noted, not raised
+    started = Monitor(scratch_dir=tmp_path, interval_s=0.01).start()
+    assert len(started.stop()) >= 2  # the thread's first sample, and a last one on stop
+    assert all(s.rss_mb is None for s in started.samples)
+
+
+# --- checks.py and plots.py -----------------------------------------------------------------------------
+def series(**values) -> dict:
+    return {
+        "series": {
+            name: {"max": m, "last": last, "warmup_max": w, "slope_per_min": 0.0}
+            for name, (m, last, w) in values.items()
+        }
+    }
+
+
+def adapters(cached: int, loaded: int | None, on_disk: int, in_flight: int = 2) -> Sample:
+    gauges = {"adapters_cached": cached, "requests_in_flight": in_flight}
+    if loaded is not None:
+        gauges["adapters_loaded"] = loaded
+    return Sample(t_s=0.0, unix_s=0.0, adapters_on_disk=on_disk, gauges=gauges)
+
+
+def test_adapter_bounds_hold_while_loaded_and_exactly_at_rest():
+    # while loaded: trained adapters wait on disk, one is being added to the engine; at rest all agree
+    good = [adapters(4, 5, 7), adapters(6, 6, 7), adapters(4, 4, 4, in_flight=0)]
+    results = checks.adapter_bounds(good, max_adapters=4, users=2)
+    assert [c.passed for c in results] == [True, True, True], results
+    assert "at rest" in results[0].detail and "4 at rest, the cache 4" in results[2].detail
+
+    over = [adapters(7, 9, 11), adapters(4, 4, 4, in_flight=0)]  # 7 > 4 + 2 cached, +2 engine, +4 disk
+    assert [c.passed for c in checks.adapter_bounds(over, 4, users=2)] == [False, False, False]
+
+    leaked = [adapters(4, 4, 5), adapters(4, 4, 5, in_flight=0)]  # a directory the cache no longer lists
+    assert [c.passed for c in checks.adapter_bounds(leaked, 4, users=2)] == [True, True, False]
+    kept = [adapters(4, 4, 4), adapters(5, 5, 5, in_flight=0)]  # over max_adapters with nothing in flight
+    assert checks.adapter_bounds(kept, 4, users=2)[0].passed is False
+
+    busy = [adapters(4, None, 4), adapters(4, None, 4)]  # never at rest; no adapters_loaded exported
+    results = checks.adapter_bounds(busy, 4, users=2)
+    assert [c.passed for c in results] == [True, None, True] and "not at rest" in results[0].detail
+    assert checks.adapter_bounds([Sample(t_s=0.0, unix_s=0.0)], 4, 2)[0].passed is None
+
+
+def test_growth_and_server_failure_checks():
+    summary = series(fds=(120, 110, 100), threads=(40, 60, 40))
+    assert checks.no_growth(summary, "fds", "fds", slack=16).passed
+    assert not checks.no_growth(summary, "threads", "threads", slack=16).passed
+    assert checks.no_growth(summary, "rss_mb", "memory", slack=0).passed is None
+    load = build_report([ok("0", 0.1, "skipped"), failed("0", "503", "busy")], CONFIG, ["0"], 1.0, 1.0)
+    assert checks.no_server_failures(load).passed and checks.only_refusals(load).passed
+    load = build_report([ok("0", 0.1, "skipped"), failed("0", "500", "boom")], CONFIG, ["0"], 1.0, 1.0)
+    assert not checks.no_server_failures(load).passed and not checks.only_refusals(load).passed
+    assert "**FAIL**" in checks.markdown([checks.no_server_failures(load)])
+
+
+def test_plots_are_written_as_png_files(tmp_path):
+    records = [
+        ok("0", 0.2, "skipped", output_tokens=8, ttft_s=0.1),
+        ok("4", 1.5, "trained", output_tokens=8, ttft_s=1.2, adapter_id="a"),
+        Record("4", 0, 3.0, stream=True, status=CLIENT_CANCELLED, latency_s=0.4, ttft_s=0.3),
+        failed("4", "503", "busy"),
+    ]
+    records[1].start_s = 40.0
+    report = build_report(records, CONFIG, ["0", "4"], elapsed_s=45.0, issuing_s=44.0, started_unix=1000.0)
+    samples = [
+        Sample(t_s=t, unix_s=1000.0 + t, rss_mb=500.0 + t, fds=100, threads=30, adapters_on_disk=1,
+               gauges={"adapters_cached": 1.0})
+        for t in range(0, 45, 5)
+    ]  # fmt: skip
+    paths = write_plots(json.loads(json.dumps(report)), [vars(s) for s in samples], tmp_path)
+    assert [p.name for p in paths] == ["latency.png", "throughput.png", "outcomes.png", "resources.png"]
+    for path in paths:
+        assert path.read_bytes().startswith(b"\x89PNG") and path.stat().st_size > 10_000
+    assert len(write_plots(report, None, tmp_path / ".")) == 3  # no monitor: no resources plot
+    assert window_width(45.0) == 2 and window_width(10.0) == 1 and window_width(1800.0) == 100
 
 
 # --- one run against the server -------------------------------------------------------------------------
 @pytest.mark.slow
-def test_a_short_locust_run_tallies_decisions_per_budget(running, tmp_path):
+def test_a_short_locust_run_tallies_decisions_per_budget_and_stops_after_its_requests(running, tmp_path):
     report_json = tmp_path / "report.json"
     command = [
         sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--only-summary",
-        "-u", "2", "-r", "2", "-t", "4s", "--stop-timeout", "30",
+        "-u", "2", "-r", "2", "-t", "120s", "--stop-timeout", "30", "--max-requests", "24",
         "--host", running.url, "--model", running.model, "--max-tokens", "8",
         "--budget-mix", "0:0.5,2:0.5", "--ttt-mode", "always", "--report-json", str(report_json),
+        "--stream-share", "0.5", "--cancel-share", "0.5", "--prompts", "stdlib:10",
     ]  # fmt: skip
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
 
     rows = table(done.stdout[done.stdout.index("## ttserve load test") :])
     assert set(rows) == {"all", "0", "2"}
+    assert rows["all"]["requests"] == "24"  # --max-requests ended the run long before -t
     assert rows["all"]["errors"] == "0" and int(rows["all"]["ok"]) > 0
     zero, two = rows["0"], rows["2"]
     assert int(zero["ok"]) > 0 and zero["skipped"] == zero["ok"]
@@ -243,5 +509,10 @@ def test_a_short_locust_run_tallies_decisions_per_budget(running, tmp_path):
     assert "chat budget=2" in done.stderr and "budget=0 skipped" in done.stderr
 
     saved = json.loads(report_json.read_text())
-    assert len(saved["records"]) == int(rows["all"]["requests"])
-    assert all(r["status"] == "ok" for r in saved["records"])
+    records = saved["records"]
+    assert len(records) == 24 and saved["config"]["max_requests"] == 24
+    assert set(Counter(r["status"] for r in records)) <= {"ok", CLIENT_CANCELLED}
+    assert all(r["stream"] for r in records if r["status"] == CLIENT_CANCELLED)
+    assert all(r["answer_hash"] for r in records if r["status"] == "ok")
+    assert all(r["max_tokens"] == 8 and r["temperature"] == 0 for r in records)
+    assert saved["answer_check"]["mismatches"] == []
