@@ -122,6 +122,30 @@ def test_retry_after_follows_the_queue_and_how_long_generations_hold_a_slot():
     assert slots.retry_after() == MAX_RETRY_AFTER_S
 
 
+def test_a_newcomer_that_would_wait_past_the_limit_is_refused_at_once():
+    """Measured pace: generations hold a slot 10 s each, so with one slot busy a newcomer would wait about
+    10 s; with a 5 s limit it is refused now rather than after waiting 5 s for nothing."""
+    now = [0.0]
+
+    async def scenario():
+        slots = GenerationSlots(slots=1, max_waiting=8, max_wait_s=5, clock=lambda: now[0])
+        async with slots.hold():
+            now[0] += 10.0
+        release = asyncio.Event()
+        holder = asyncio.create_task(hold_until(slots, release, [], "holder"))
+        await settle()
+        with pytest.raises(
+            Overloaded, match=r"a slot is 10 s away \(0 waiting, 1 slots\), over the 5 s limit"
+        ):
+            async with slots.hold():
+                pytest.fail("refused before waiting")
+        assert (slots.waiting, slots.refused) == (0, 1)
+        release.set()
+        await holder
+
+    asyncio.run(scenario())
+
+
 def test_the_refusal_is_a_503_with_retry_after_and_survives_pickling():
     import pickle
 

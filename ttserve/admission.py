@@ -1,8 +1,9 @@
 """Admission for generations: how many requests a replica answers at once, and how many may wait.
 
 A replica runs at most `slots` generations at once. More requests wait in a first-come queue of at most
-`max_waiting`, each for at most `max_wait_s`. A request beyond either bound is refused at once with
-`Overloaded`, which says when to retry (HTTP 503 with Retry-After).
+`max_waiting`, each for at most `max_wait_s`. A request beyond either bound, or one that would
+wait longer than `max_wait_s` by the measured pace of the queue, is refused at once with `Overloaded`,
+which says when to retry (HTTP 503 with Retry-After).
 
 Why bound it: the engine shares one device among the requests it runs, so each extra request slows every
 other one down, and an unbounded queue turns overload into timeouts for everyone (the client gives up while
@@ -53,11 +54,17 @@ class GenerationSlots:
             limits.max_generation_wait_s,
         )
 
+    def expected_wait_s(self) -> float | None:
+        """Seconds a newcomer would wait for a slot: the queue ahead of it and itself, served `slots` at a
+        time, each holding its slot for the mean time so far. None before any generation has finished."""
+        if self.mean_hold_s is None:
+            return None
+        return self.mean_hold_s * (self.waiting + 1) / self.slots
+
     def retry_after(self) -> int:
-        """Whole seconds until a slot is likely free for a newcomer: the queue ahead of it, served `slots`
-        at a time, each holding its slot for the mean time."""
-        hold = self.mean_hold_s or 1.0
-        return max(1, min(MAX_RETRY_AFTER_S, math.ceil(hold * (self.waiting + 1) / self.slots)))
+        """Whole seconds until a slot is likely free for a newcomer (1 before anything is measured)."""
+        expected = self.expected_wait_s() or 1.0
+        return max(1, min(MAX_RETRY_AFTER_S, math.ceil(expected)))
 
     @asynccontextmanager
     async def hold(self) -> AsyncIterator[None]:
@@ -66,6 +73,12 @@ class GenerationSlots:
             if self.waiting >= self.max_waiting:
                 self._refuse(
                     f"the replica is at capacity ({self.running} generations running, {self.waiting} waiting)"
+                )
+            expected = self.expected_wait_s()
+            if expected is not None and expected > self.max_wait_s:  # refuse now, not after the wait
+                self._refuse(
+                    f"the replica is at capacity: a slot is {expected:.0f} s away ({self.waiting} waiting, "
+                    f"{self.slots} slots), over the {self.max_wait_s:g} s limit"
                 )
             self.waiting += 1
             try:

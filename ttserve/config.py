@@ -229,10 +229,11 @@ class ServerConfig(_Section):
     training_deadline_s: float = Field(60.0, gt=0)
     max_queued_trainings: PositiveInt = 16  # per generator replica; beyond this, requests skip training
     max_concurrent_requests: PositiveInt = 256  # per ingress; beyond this, 429
-    # Generations per generator replica (ttserve/admission.py): at most this many at once. None: 16 on the
+    # Generations per generator replica (ttserve/admission.py): at most this many at once. None: 4 on the
     # transformers engine, whose decoding threads take turns on one model, so more only slows each down; 256
     # on vLLM, which batches them. Up to `max_waiting_generations` more wait, each at most
-    # `max_generation_wait_s`; a request beyond either bound gets 503 with Retry-After, not a timeout.
+    # `max_generation_wait_s`; a request beyond either bound, or one that would wait longer by the queue's
+    # measured pace, gets 503 with Retry-After at once, not a timeout.
     max_running_generations: PositiveInt | None = None
     max_waiting_generations: int = Field(64, ge=0)
     max_generation_wait_s: float = Field(30.0, gt=0)

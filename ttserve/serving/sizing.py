@@ -187,9 +187,12 @@ def _generated_notice(profile: str) -> str:
     )
 
 
-# Requests that wait at each caller (an Ingress replica) for a Generator slot. Beyond it Serve refuses at
-# once (BackPressureError: 429 with Retry-After) instead of queueing until the client gives up.
-QUEUED_GENERATIONS = Setting(64, "beyond, 429 with Retry-After at once: backpressure, not timeouts")
+# Requests that wait at each caller (an Ingress replica) for room on a Generator replica. Beyond it Serve
+# refuses at once (BackPressureError: 429 with Retry-After) instead of queueing until the client gives up.
+# The replica queues more itself (server.max_waiting_generations), where it can tell how long the wait is.
+def _queued_generations(n: int) -> Setting:
+    return Setting(n, "beyond, 429 with Retry-After at once: backpressure, not timeouts")
+
 
 CPU_DEPLOYMENTS = (
     Deployment(
@@ -231,8 +234,11 @@ CPU_DEPLOYMENTS = (
             "max_queued_requests."
         ),
         num_replicas=Setting(1),
-        max_ongoing_requests=Setting(32, "generations the engine batches at once; training is serialised"),
-        max_queued_requests=QUEUED_GENERATIONS,
+        max_ongoing_requests=Setting(
+            32,
+            "requests on the replica: 4 generating, the rest waiting for a slot (admission.py) or training",
+        ),
+        max_queued_requests=_queued_generations(16),
         graceful_shutdown_timeout_s=GRACEFUL_SHUTDOWN,
         router=ADAPTER_AFFINITY,
         ray_actor_options=ActorOptions(
@@ -326,7 +332,7 @@ GPU_DEPLOYMENTS = (
             "scale up on sustained load only and keep them through lulls."
         ),
         max_ongoing_requests=Setting(32, "concurrent generations vLLM batches; training is serialised"),
-        max_queued_requests=QUEUED_GENERATIONS,
+        max_queued_requests=_queued_generations(64),
         autoscaling=Autoscaling(
             min_replicas=Setting(1),
             max_replicas=Setting(4, "= the GPU worker group's maxReplicas (deploy/rayservice.yaml)"),
