@@ -74,9 +74,10 @@ def never_trained(load: dict[str, Any]) -> Check:
 def adapter_bounds(samples: list[Sample], max_adapters: int, users: int) -> list[Check]:
     """What the adapter cache (ttserve/adapter_cache.py) promises, sample by sample and at rest.
 
-    The cache evicts after it adds a trained adapter, and never an adapter a request is using; each user has
-    at most one request in flight, which holds one adapter, or has one trained and waiting to be added. So
-    while the load runs the cache holds at most max_adapters + users. The engine gets an adapter before the
+    The cache makes room before it adds a trained adapter, and never evicts an adapter a request is using:
+    it goes over max_adapters only while the adapters it holds are in use, and each user has at most one
+    request in flight, holding one adapter. So while the load runs the cache holds at most
+    max_adapters + users. The engine gets an adapter before the
     cache lists it and loses it after the cache drops it, one at a time: at most one more than the cache. On
     disk, an adapter is written before it is added and deleted after it is unloaded: at most one more than
     the cache per request in flight, plus the one being deleted. At rest (the last sample, nothing in

@@ -543,6 +543,25 @@ def test_the_scratch_directory_is_made_at_the_first_training_and_removed_at_clos
     assert list(tmp_path.glob("ttserve-adapters-*")) == []
 
 
+def test_the_cache_makes_room_before_it_loads_a_new_adapter(rig):
+    """A cache of 2 (the rig's): the engine never holds a third adapter while an unused one could have made
+    way, so the engine and the disk stay within the cache's bounds, not one over them."""
+    r = rig()
+    loaded_before_each_load = []
+    load = r.engine._load_adapter
+
+    async def counting_load(adapter):
+        loaded_before_each_load.append(len(r.engine.loaded_adapters()))
+        await load(adapter)
+
+    r.engine._load_adapter = counting_load
+    for tenant in range(5):  # five different adapters (salted apart), one after the other
+        ask(r, compute_budget=2, mode="always", cache_salt=f"tenant-{tenant}")
+    assert loaded_before_each_load == [0, 1, 1, 1, 1]
+    assert len(r.pipeline.adapters) == 2 and r.pipeline.stats().cache_evictions == 3
+    assert len(list(r.pipeline.adapters.directory.iterdir())) == 2
+
+
 def test_the_training_thread_runs_below_the_other_threads():
     """Linux schedules threads by their own nice value: lowering the training thread's leaves the rest of
     the process (the event loop, inference) where it was."""

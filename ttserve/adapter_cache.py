@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 from ttserve.config import TrainingConfig
 from ttserve.contract import Adapter
-from ttserve.files import scratch_directory, staged_directory, sweep_scratch
+from ttserve.files import directory_bytes, scratch_directory, staged_directory, sweep_scratch
 
 
 class AdapterHost(Protocol):
@@ -205,26 +205,34 @@ class AdapterCache:
                 shutil.rmtree(directory, ignore_errors=True)
                 return self._lease(self._entries[key], cached=True)
             try:
+                # Room first, so that the engine and the disk never hold more than the bounds while an
+                # unused adapter could have made way.
+                await self._make_room(directory_bytes(directory))
                 adapter = await self.engine.add_adapter(directory)
             except BaseException:
                 shutil.rmtree(directory, ignore_errors=True)
                 raise
             entry = _Entry(key, adapter, info)
             self._entries[key] = entry
-            lease = self._lease(entry, cached=False)
-        await self._evict()
-        return lease
+            return self._lease(entry, cached=False)
 
     async def _evict(self) -> None:
+        """Back within the bounds, once a request releases an adapter that kept the cache over them."""
         async with self._mutex:
-            while len(self._entries) > self.max_adapters or self.bytes > self.max_bytes:
-                victim = next((entry for entry in self._entries.values() if entry.users == 0), None)
-                if victim is None:
-                    return  # everything is in use: over the bounds until a request releases its adapter
-                del self._entries[victim.key]
-                await self.engine.remove_adapter(victim.adapter)
-                shutil.rmtree(victim.adapter.path, ignore_errors=True)
-                self.stats.evictions += 1
+            await self._make_room()
+
+    async def _make_room(self, incoming_bytes: int | None = None) -> None:
+        """Evict least recently used adapters nobody is using until the cache is within its bounds, with
+        room for one more of `incoming_bytes` when given. The caller holds the mutex."""
+        extra, extra_bytes = (0, 0) if incoming_bytes is None else (1, incoming_bytes)
+        while len(self._entries) + extra > self.max_adapters or self.bytes + extra_bytes > self.max_bytes:
+            victim = next((entry for entry in self._entries.values() if entry.users == 0), None)
+            if victim is None:
+                return  # everything is in use: over the bounds until a request releases its adapter
+            del self._entries[victim.key]
+            await self.engine.remove_adapter(victim.adapter)
+            shutil.rmtree(victim.adapter.path, ignore_errors=True)
+            self.stats.evictions += 1
 
     async def close(self) -> None:
         """Unload every adapter and delete the scratch directory."""
