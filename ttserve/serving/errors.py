@@ -16,6 +16,8 @@ log = logging.getLogger(__name__)
 
 # Ray's errors for a replica that stopped while serving a call (matched by name: this layer imports no Ray).
 REPLICA_LOST = ("ActorDiedError", "RayActorError", "ActorUnavailableError", "ActorUnschedulableError")
+# vLLM's error once its engine process has died: the replica's health check fails and Serve replaces it.
+ENGINE_LOST = ("EngineDeadError",)
 
 
 class ErrorJSON(JSONResponse):
@@ -62,7 +64,7 @@ def unwrap(error: BaseException) -> BaseException:
 
 def as_api_error(error: BaseException) -> APIError:
     """The OpenAI error for anything the backend raised: a domain error keeps its meaning, Ray's capacity
-    errors become 429, a replica lost mid-request 503, and anything else is a logged 500."""
+    errors become 429, a replica or its engine lost mid-request 503, and anything else is a logged 500."""
     error = unwrap(error)
     if isinstance(error, APIError):
         return error
@@ -74,6 +76,12 @@ def as_api_error(error: BaseException) -> APIError:
     if name in REPLICA_LOST:  # the replica died mid-request (its node went away): Serve replaces it
         return APIError.unavailable(
             f"the replica answering this request stopped ({name}); retry", retry_after=1
+        )
+    if name in ENGINE_LOST:
+        return APIError.unavailable(
+            f"the inference engine of the replica answering this request stopped ({name}); the replica is "
+            "being replaced: retry",
+            retry_after=5,
         )
     log.exception("request failed", exc_info=error)
     return APIError.internal(f"{name}: {error}")
