@@ -46,7 +46,7 @@ ERROR_MEANINGS = {
     422: "The model has no chat template: use /v1/completions",
     429: "Too many requests in flight, or the replicas are full: retry later",
     500: "A server fault",
-    503: "The model is still loading, or the replica answering stopped: retry",
+    503: "The model is still loading, the replica is at capacity, or the replica answering stopped: retry",
 }
 
 
