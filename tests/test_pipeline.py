@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from ttserve.adapter_cache import AdapterCache
-from ttserve.config import PolicyConfig, ServerConfig, TrainingConfig
+from ttserve.config import PolicyConfig, ServerConfig, Settings, TrainingConfig
 from ttserve.contract import (
     Adapter,
     ContextLengthError,
@@ -38,6 +38,8 @@ from ttserve.pipeline import RequestPipeline
 from ttserve.policy import Policy
 from ttserve.retrieval import Retrieval
 from ttserve.selection import sift
+from ttserve.serving.autoscaling import GENERATIONS
+from ttserve.serving.replica import GeneratorReplica
 
 
 class ByteTokenizer:
@@ -524,6 +526,9 @@ def test_a_request_waits_for_a_slot_and_is_then_answered(rig):
         )
         await asyncio.sleep(0.01)
         assert not waiting.done() and r.pipeline.stats().generations_waiting == 1
+        replica = GeneratorReplica(Settings(), retrieve=None)
+        replica.pipeline = r.pipeline
+        assert replica.load()[GENERATIONS] == 2  # autoscaling counts the waiting one as wanting the engine
         await collect(first)
         return await waiting
 

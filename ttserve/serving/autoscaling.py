@@ -5,7 +5,7 @@ holds the replica's single training thread for seconds to minutes, while generat
 batch. So each replica reports what limits it (`record_autoscaling_stats` in app.py):
 
 - `training_backlog_s`: admitted training not yet done, in seconds at the replica's measured step speed;
-- `generations`: requests generating now (the engine's batch).
+- `generations`: requests generating now (the engine's batch) or waiting for a slot in it (admission.py).
 
 and the policy asks for enough replicas that neither exceeds its per-replica target. Serve applies
 min/max_replicas, the up/down delays and the scaling factors around it (configs/serve*.yaml).

@@ -89,13 +89,13 @@ class GeneratorReplica:
 
     def load(self) -> dict[str, float]:
         """What limits this replica (serving/autoscaling.py): the training backlog in seconds at the measured
-        step speed, and the requests generating now."""
+        step speed, and the requests generating now or waiting for a generation slot."""
         if self.pipeline is None:
             return {}
         training = self.pipeline.training
         return {
             TRAINING_BACKLOG_S: training.queued_steps * (training.seconds_per_step or 0.0),
-            GENERATIONS: float(self.pipeline.generating),
+            GENERATIONS: float(self.pipeline.generating + self.pipeline.slots.waiting),
         }
 
     def adapter_ids(self) -> list[str]:
