@@ -92,7 +92,7 @@ class RequestPipeline:
         self.training = TrainingThread(trainer, clock)
         # Admission for generations (admission.py); the engine's own concurrency unless the server sets one.
         self.slots = slots or GenerationSlots.of(limits, engine.default_concurrency)
-        self.generating = 0  # requests past their adapter decision and not yet answered (autoscaling)
+        self.generating = 0  # requests holding a generation slot, not yet answered (autoscaling)
 
     def close(self) -> None:
         """Stop the training thread. The parts (engine, cache) belong to whoever built them."""

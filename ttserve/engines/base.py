@@ -32,10 +32,10 @@ class Engine(abc.ABC):
     reaches the model; subclasses implement `_generate`, `_score`, `_load_adapter` and `_unload_adapter`."""
 
     tokenizer: Any  # a transformers tokenizer, the same files the model was loaded from
-    # Generations worth running at once when the server sets no limit (server.max_running_generations).
-    default_concurrency: int = 16
     model_name: str  # what adapters' base_model_name_or_path names
     max_model_len: int
+    # Generations worth running at once when the server sets no limit (server.max_running_generations).
+    default_concurrency: int = 16
 
     def __init__(self) -> None:
         # Adapter names and ids come from one monotonic counter: vLLM keys its prefix cache and request

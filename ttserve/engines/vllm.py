@@ -37,7 +37,8 @@ from ttserve.files import scratch_directory
 
 class VLLMEngine(Engine):
     # vLLM batches concurrent generations, so more at once raise throughput up to its scheduler's batch
-    # (max_num_seqs, 256 to 1024 by device); beyond that they would only queue inside vLLM, out of admission's sight.
+    # (max_num_seqs, 256 to 1024 by device); beyond it they would only queue inside vLLM, out of admission's
+    # sight.
     default_concurrency = 256
 
     def __init__(
