@@ -575,7 +575,9 @@ def test_a_dead_vllm_engine_process_makes_the_engine_unhealthy(tiny_model_dir, l
 
     config = EngineConfig(max_loras=1, max_model_len=256, enforce_eager=True)
     before = {p.pid for p in psutil.Process().children(recursive=True)}
+    shm_before = set(Path("/dev/shm").glob("psm_*"))
     engine = VLLMEngine(str(tiny_model_dir), config, TrainingConfig(), dtype="float32", scratch_dir=tmp_path)
+    assert set(Path("/dev/shm").glob("psm_*")) - shm_before, "vLLM made no shared memory to account for"
     loop_thread.run(engine.start())
     try:
         loop_thread.run(engine.check_health())  # alive: no error
@@ -594,3 +596,5 @@ def test_a_dead_vllm_engine_process_makes_the_engine_unhealthy(tiny_model_dir, l
             time.sleep(0.5)
     finally:
         loop_thread.run(engine.close())
+    # Its processes were killed, so nothing of vLLM's unlinked its shared memory: the engine did.
+    assert set(Path("/dev/shm").glob("psm_*")) <= shm_before

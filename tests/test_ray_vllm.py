@@ -5,6 +5,7 @@ Serve replaces the replica, and the service answers again; requests meanwhile ge
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -47,6 +48,7 @@ def test_a_dead_vllm_engine_is_replaced_and_the_service_answers_again(server_set
     }
     deployments = {"Generator": {"health_check_period_s": 2, "health_check_timeout_s": 10}}
     port = free_port()
+    shm_before = set(Path("/dev/shm").glob("psm_*"))
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=128 * 2**20, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -83,3 +85,6 @@ def test_a_dead_vllm_engine_is_replaced_and_the_service_answers_again(server_set
     finally:
         serve.shutdown()
         ray.shutdown()
+    # The killed engine's shared memory was freed by the replacement replica's engine, the replacement's own
+    # when Serve stopped it: none of vLLM's segments (hundreds of MB of memory each) is left.
+    assert set(Path("/dev/shm").glob("psm_*")) <= shm_before

@@ -13,7 +13,7 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -67,13 +67,18 @@ def scratch_directory(root: str | Path | None, prefix: str = "ttserve-adapters")
     return path
 
 
-def sweep_scratch(root: str | Path, prefix: str = "ttserve-adapters") -> None:
+def sweep_scratch(
+    root: str | Path, prefix: str = "ttserve-adapters", before_removal: Callable[[Path], None] | None = None
+) -> None:
     """Remove the scratch directories under `root` whose owner process has gone. Called when one is made
     and again now and then (the adapter cache does before each training): a process killed on a lost node
-    can still be exiting when its replacement makes its own directory."""
+    can still be exiting when its replacement makes its own directory. `before_removal(directory)` frees
+    what a directory lists outside itself."""
     for stale in Path(root).glob(f"{prefix}-*-*"):
         match = re.fullmatch(rf"{re.escape(prefix)}-(\d+)-.+", stale.name)
         if match and not _alive(int(match.group(1))):
+            if before_removal is not None:
+                before_removal(stale)
             shutil.rmtree(stale, ignore_errors=True)
 
 

@@ -157,3 +157,7 @@ class Engine(abc.ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release the engine's resources."""
+
+    def remove_files(self) -> None:  # noqa: B027 - optional hook
+        """Free what the engine keeps outside its process (shared memory, scratch files). Safe from any
+        thread, also while it runs: Serve calls it from `__del__` before it kills the replica."""

@@ -22,6 +22,7 @@ state for the adapter in the rest. See docs/engines.md.
 
 from __future__ import annotations
 
+import re
 import shutil
 import uuid
 from collections.abc import AsyncIterator
@@ -32,7 +33,7 @@ from ttserve.config import EngineConfig, TrainingConfig
 from ttserve.contract import Adapter, GenerationChunk, PromptScores, SamplingParams, TokenLogprob, Usage
 from ttserve.engines.base import Engine
 from ttserve.engines.lora_gate import GateStats, LoRAGate
-from ttserve.files import scratch_directory
+from ttserve.files import default_scratch_root, scratch_directory, sweep_scratch
 
 
 class VLLMEngine(Engine):
@@ -76,7 +77,14 @@ class VLLMEngine(Engine):
             enforce_eager=config.enforce_eager,
             disable_log_stats=True,
         )
+        # vLLM's processes talk through POSIX shared memory (Python's `psm_*` segments, hundreds of MB in
+        # /dev/shm, which is memory). A killed engine never unlinks them, so this engine lists the ones it
+        # made in a scratch directory of its own; the next engine on the machine frees a dead owner's.
+        sweep_scratch(self._shm_root(scratch_dir), SHM_LEDGER, before_removal=_unlink_listed_segments)
+        before = _shared_memory_segments()
         self.llm = AsyncLLM.from_engine_args(args)
+        self._shm_ledger = scratch_directory(self._shm_root(scratch_dir), prefix=SHM_LEDGER)
+        (self._shm_ledger / SEGMENTS).write_text("\n".join(sorted(_shared_memory_segments() - before)))
         self.max_model_len = self.llm.vllm_config.model_config.max_model_len
         self._training = training
         self._requests: dict[str, object] = {}  # adapter name -> LoRARequest
@@ -245,5 +253,36 @@ class VLLMEngine(Engine):
         # AsyncLLM.__del__ shuts down again at interpreter exit, after the module globals it needs are gone,
         # and prints a TypeError traceback; it is shut down already, so make that call a no-op.
         self.llm.shutdown = lambda *args, **kwargs: None
+        self.remove_files()
+
+    def remove_files(self) -> None:
+        """Free the engine's files in memory: the zero adapter, and the shared-memory segments vLLM made
+        (unlinking a name leaves the memory to the processes still mapping it, until they exit)."""
         if self._zero_dir is not None:
             shutil.rmtree(self._zero_dir, ignore_errors=True)
+        _unlink_listed_segments(self._shm_ledger)
+        shutil.rmtree(self._shm_ledger, ignore_errors=True)
+
+    @staticmethod
+    def _shm_root(scratch_dir: str | Path | None) -> Path:
+        return Path(scratch_dir) if scratch_dir else default_scratch_root()
+
+
+SHM = Path("/dev/shm")
+SHM_LEDGER = "ttserve-vllm-shm"
+SEGMENTS = "segments"
+
+
+def _shared_memory_segments() -> set[str]:
+    """The POSIX shared-memory segments Python's multiprocessing has made on this machine."""
+    return {path.name for path in SHM.glob("psm_*")} if SHM.is_dir() else set()
+
+
+def _unlink_listed_segments(ledger: Path) -> None:
+    try:
+        names = (ledger / SEGMENTS).read_text().split()
+    except OSError:
+        return
+    for name in names:
+        if re.fullmatch(r"psm_[0-9a-f]+", name):  # only what vLLM's multiprocessing names look like
+            (SHM / name).unlink(missing_ok=True)

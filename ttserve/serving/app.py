@@ -163,10 +163,11 @@ class GeneratorDeployment:
         return self.replica.load()
 
     def __del__(self) -> None:
-        # Serve calls this on graceful shutdown: free the adapters' scratch space (memory, in /dev/shm).
+        # Serve calls this on graceful shutdown, then kills the process: free what it keeps in /dev/shm (memory).
         pipeline = getattr(getattr(self, "replica", None), "pipeline", None)
         if pipeline is not None:
             pipeline.adapters.remove_directory()
+            pipeline.engine.remove_files()
 
     async def check_health(self) -> None:
         """Serve's health check: a replica whose engine died (vLLM's engine process) raises here, and Serve
