@@ -311,14 +311,14 @@ def test_concurrent_requests_each_get_their_own_adapter(running):
     assert len({ttt["adapter_id"] for _, ttt in alone}) == 3  # two adapters and None
 
 
-def test_a_streamed_request_is_in_flight_until_its_last_byte(running, monkeypatch):
+def pause_after_first_chunk(engine, monkeypatch) -> threading.Event:
+    """The real engine, paused after each answer's first chunk until the returned event is set."""
     import asyncio
 
-    engine = running.replica.pipeline.engine
     real_generate = engine.generate
     release = threading.Event()
 
-    async def held_after_first_chunk(*args, **kwargs):  # the real engine, paused mid-answer
+    async def held_after_first_chunk(*args, **kwargs):
         first = True
         async for chunk in real_generate(*args, **kwargs):
             yield chunk
@@ -327,6 +327,11 @@ def test_a_streamed_request_is_in_flight_until_its_last_byte(running, monkeypatc
                 await asyncio.to_thread(release.wait, 60)
 
     monkeypatch.setattr(engine, "generate", held_after_first_chunk)
+    return release
+
+
+def test_a_streamed_request_is_in_flight_until_its_last_byte(running, monkeypatch):
+    release = pause_after_first_chunk(running.replica.pipeline.engine, monkeypatch)
 
     def in_flight() -> str:
         text = httpx.get(f"{running.url}/metrics").text
@@ -346,24 +351,12 @@ def test_a_full_replica_answers_503_with_retry_after_at_once_and_serves_again(ru
     """Admission for generations (ttserve/admission.py), one slot and no queue: while a stream holds the slot,
     another request is refused at once with an OpenAI-style 503 and Retry-After, not queued until it times
     out; once the slot is free the same request is answered."""
-    import asyncio
 
     from ttserve.admission import GenerationSlots
 
     pipeline = running.replica.pipeline
     monkeypatch.setattr(pipeline, "slots", GenerationSlots(slots=1, max_waiting=0, max_wait_s=30))
-    real_generate = pipeline.engine.generate
-    release = threading.Event()
-
-    async def held_after_first_chunk(*args, **kwargs):
-        first = True
-        async for chunk in real_generate(*args, **kwargs):
-            yield chunk
-            if first:
-                first = False
-                await asyncio.to_thread(release.wait, 60)
-
-    monkeypatch.setattr(pipeline.engine, "generate", held_after_first_chunk)
+    release = pause_after_first_chunk(pipeline.engine, monkeypatch)
     body = {"model": running.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     try:
         stream = iter(chat(running, stream=True, extra_body={"compute_budget": 0}))
