@@ -598,3 +598,38 @@ def test_a_dead_vllm_engine_process_makes_the_engine_unhealthy(tiny_model_dir, l
         loop_thread.run(engine.close())
     # Its processes were killed, so nothing of vLLM's unlinked its shared memory: the engine did.
     assert set(Path("/dev/shm").glob("psm_*")) <= shm_before
+
+
+def test_only_segments_mapped_by_the_engines_own_processes_are_its_to_free():
+    """Another engine starting on the machine at the same time makes shared memory too: the ledger lists a
+    segment only if one of the engine's own processes maps it (a concurrent test run once had its vLLM
+    start broken by a neighbour's close unlinking its segments)."""
+    import subprocess
+    import sys
+    from multiprocessing import shared_memory
+
+    from ttserve.engines.vllm import segments_mapped_by
+
+    mine = shared_memory.SharedMemory(create=True, size=4096)
+    neighbour = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from multiprocessing import shared_memory as s; import sys\n"
+            "m = s.SharedMemory(create=True, size=4096); print(m.name, flush=True); sys.stdin.read(); m.unlink()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        theirs = neighbour.stdout.readline().strip().lstrip("/")
+        assert theirs.startswith("psm_")
+        assert mine.name.lstrip("/") in segments_mapped_by([os.getpid()])
+        assert theirs not in segments_mapped_by([os.getpid()])
+        assert theirs in segments_mapped_by([neighbour.pid])
+        assert segments_mapped_by([2**22 + 7]) == set()  # no such process: nothing, no error
+    finally:
+        neighbour.communicate("")
+        mine.close()
+        mine.unlink()

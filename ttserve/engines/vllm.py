@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 import shutil
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -80,11 +80,14 @@ class VLLMEngine(Engine):
         # vLLM's processes talk through POSIX shared memory (Python's `psm_*` segments, hundreds of MB in
         # /dev/shm, which is memory). A killed engine never unlinks them, so this engine lists the ones it
         # made in a scratch directory of its own; the next engine on the machine frees a dead owner's.
+        # "Made" is new since the start and mapped by this process or its children: another engine starting
+        # on the machine at the same time makes segments too, and unlinking those would break its start.
         sweep_scratch(self._shm_root(scratch_dir), SHM_LEDGER, before_removal=_unlink_listed_segments)
         before = _shared_memory_segments()
         self.llm = AsyncLLM.from_engine_args(args)
         self._shm_ledger = scratch_directory(self._shm_root(scratch_dir), prefix=SHM_LEDGER)
-        (self._shm_ledger / SEGMENTS).write_text("\n".join(sorted(_shared_memory_segments() - before)))
+        made = (_shared_memory_segments() - before) & segments_mapped_by(_this_process_tree())
+        (self._shm_ledger / SEGMENTS).write_text("\n".join(sorted(made)))
         self.max_model_len = self.llm.vllm_config.model_config.max_model_len
         self._training = training
         self._requests: dict[str, object] = {}  # adapter name -> LoRARequest
@@ -276,6 +279,25 @@ SEGMENTS = "segments"
 def _shared_memory_segments() -> set[str]:
     """The POSIX shared-memory segments Python's multiprocessing has made on this machine."""
     return {path.name for path in SHM.glob("psm_*")} if SHM.is_dir() else set()
+
+
+def segments_mapped_by(pids: Iterable[int]) -> set[str]:
+    """The `psm_*` segments that any of `pids` has mapped (from /proc/PID/maps; gone processes are skipped)."""
+    names: set[str] = set()
+    for pid in pids:
+        try:
+            maps = Path(f"/proc/{pid}/maps").read_text()
+        except OSError:
+            continue
+        names.update(re.findall(rf"{SHM}/(psm_[0-9a-f]+)", maps))
+    return names
+
+
+def _this_process_tree() -> list[int]:
+    import psutil  # a dependency of vLLM's, so here whenever an engine starts
+
+    me = psutil.Process()
+    return [me.pid, *(child.pid for child in me.children(recursive=True))]
 
 
 def _unlink_listed_segments(ledger: Path) -> None:
