@@ -414,6 +414,9 @@ def test_ttserve_serve_on_local_ray_until_ctrl_c(server_settings, tmp_path):
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
+            # Ctrl-C as a terminal delivers it, even when pytest itself was started in the background by a
+            # non-interactive shell: that leaves SIGINT ignored, and a child inherits the ignore.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
     try:
         deadline = time.monotonic() + 600
