@@ -241,9 +241,9 @@ def quiet_exit(engine) -> None:
 
 
 async def run(args) -> dict:
-    from ttserve.models import ensure_tiny_model
+    from ttserve.models import resolve_model
 
-    model = args.model or str(ensure_tiny_model())
+    model = resolve_model(args.model)  # the embedded default, an embedded model's name, or a directory
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     results: dict = {"throughput": [], "adapter_latency": [], "lora_cost": []}
     scratch = Path(tempfile.mkdtemp(prefix="bench-engines-"))
@@ -400,7 +400,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default=None, help="model directory (default: the embedded default)")
+    parser.add_argument(
+        "--model", default=None, help="model: a directory or an embedded model's name (default: the default)"
+    )
     parser.add_argument("--engines", default="transformers,vllm", help="comma-separated: transformers,vllm")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per measurement (median)")
     parser.add_argument("--max-tokens", type=int, default=128, help="tokens per stream")

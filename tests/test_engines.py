@@ -407,6 +407,48 @@ def test_adapter_cache_never_evicts_an_adapter_in_use(transformers_bundle, adapt
     bundle.run(cache.close())
 
 
+def test_adapter_slots_are_reused_and_a_swap_touches_no_other_adapter(tiny_model_dir, adapter_dirs, tmp_path):
+    """An unloaded adapter's slot takes the next adapter of its shape, and copying into it leaves every other
+    loaded adapter as it was, with eleven slots (PEFT's hotswap finds a slot's keys by substring: a slot
+    named "slot-1" would take "slot-10" with it). An adapter of another shape gets a new slot."""
+    shared = TestTimeTrainer(
+        load_model(ModelConfig(name_or_path=str(tiny_model_dir), device="cpu")), TrainingConfig()
+    ).shared
+    ids = torch.tensor([shared.tokenizer(PROMPTS[1])["input_ids"]])
+
+    def logits(name):
+        with shared.routed(name) as model:
+            return model(input_ids=ids).logits
+
+    names = [f"r{i}" for i in range(11)]
+    for i, name in enumerate(names):
+        shared.load_adapter(adapter_dirs["AB"[i % 2]], name)
+    expected = {name: logits(name) for name in names}
+    assert not torch.equal(expected["r0"], expected["r1"]) and shared.slots == (11, 0)
+
+    shared.delete_adapter("r0")
+    with pytest.raises(KeyError, match="not loaded"):
+        logits("r0")
+    shared.load_adapter(adapter_dirs["B"], "swapped-in")
+    assert shared.slots == (11, 0)  # the freed slot was reused, not a twelfth made
+    assert torch.equal(logits("swapped-in"), expected["r1"])  # exactly B, as a fresh load gives it
+    for name in names[1:]:
+        assert torch.equal(logits(name), expected[name]), name
+
+    small = TestTimeTrainer(
+        load_model(ModelConfig(name_or_path=str(tiny_model_dir), device="cpu")),
+        TrainingConfig(learning_rate=2e-2, lora_rank=4, lora_alpha=8),
+    )
+    small.train([ADAPTER_TEXTS["A"]] * 4, 4, output_dir=tmp_path / "rank4")
+    shared.delete_adapter("r1")
+    shared.load_adapter(tmp_path / "rank4", "rank4")
+    assert shared.slots == (11, 1)  # rank 4 does not fit a rank-16 slot
+    small.shared.load_adapter(tmp_path / "rank4", "alone")
+    with small.shared.routed("alone") as model:
+        alone = model(input_ids=ids).logits
+    assert torch.equal(logits("rank4"), alone)
+
+
 def test_adapter_cache_trains_a_key_once_and_survives_a_failed_training(
     transformers_bundle, adapter_dirs, tmp_path
 ):

@@ -9,10 +9,16 @@ What makes sharing the weights safe is kept here, in one class, rather than spre
   tree: a base-model request never waits for someone else's fine-tuning step. Each tree has its lock
   (`serving_lock`: inference passes and adapter loads; `training_lock`: training steps, reading and saving
   the trained adapter), and nothing holds both.
-- **Routing.** Served adapters are loaded into the serving tree under their own names. `routed(name)`
-  points every LoRA layer of that tree at one adapter (or switches them all off for the base model) for
-  the length of one forward pass, under the serving lock, so a request only ever runs with the adapter it
-  asked for. The adapter being trained lives in the training tree only: no request can be routed to it.
+- **Routing.** Served adapters are loaded into the serving tree, each in a slot of its own. `routed(name)`
+  points every LoRA layer of that tree at the named adapter's slot (or switches them all off for the base
+  model) for the length of one forward pass, under the serving lock, so a request only ever runs with the
+  adapter it asked for. The adapter being trained lives in the training tree only: no request can be routed
+  to it.
+- **Slots.** PEFT's `load_adapter` builds new LoRA modules in every targeted layer, which costs far more
+  than the weights' copy (BENCHMARKS.md, "Adapter slots"). An unloaded adapter's slot is kept instead, no
+  longer reachable by any name, and the next adapter of the same shape is copied into it (PEFT's
+  `hotswap_adapter`). The tree holds as many slots as adapters were ever loaded at once: the adapter
+  cache's bound, plus adapters in use beyond it.
 - **PEFT internals.** Routing writes two private attributes of PEFT's `BaseTunerLayer`
   (`_active_adapter`, `_disable_adapters`); this is the only module that does, and pyproject.toml pins PEFT
   to the versions it was checked on. The public alternatives were measured and rejected: per-call
@@ -33,8 +39,9 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
-from peft import get_peft_model, get_peft_model_state_dict
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.hotswap import hotswap_adapter
 
 from ttserve.config import TrainingConfig
 from ttserve.lm import LoadedModel, native_bf16
@@ -69,6 +76,11 @@ class SharedModel:
         self._initial = [p.detach().clone() for p in self.trainable_parameters]
         self.training_lock = threading.Lock()
         self.serving_lock = threading.Lock()
+        self._slots: dict[
+            str, str
+        ] = {}  # loaded adapter's name -> its slot (the serving tree's adapter name)
+        self._free_slots: list[str] = []  # slots of unloaded adapters, reachable by no name
+        self._slots_made = 0
 
     @cached_property
     def serving(self) -> torch.nn.Module:
@@ -95,10 +107,11 @@ class SharedModel:
             raise ValueError("the adapter being trained cannot serve requests; save and load it first")
         serving = self.serving
         with self.serving_lock, torch.inference_mode():
+            slot = None if adapter is None else self._slot_of(adapter)
             for layer in self._lora_layers:
-                layer._disable_adapters = adapter is None
-                if adapter is not None:
-                    layer._active_adapter = [adapter]
+                layer._disable_adapters = slot is None
+                if slot is not None:
+                    layer._active_adapter = [slot]
             try:
                 yield serving.get_base_model()
             finally:
@@ -106,12 +119,46 @@ class SharedModel:
                     layer._disable_adapters = True
 
     def load_adapter(self, path: str | Path, name: str) -> None:
+        """Load the PEFT adapter at `path` for requests to route to as `name`: into a free slot of the same
+        shape when there is one, else into a new slot."""
+        config = LoraConfig.from_pretrained(str(path))
         with self.serving_lock:
-            self.serving.load_adapter(str(path), adapter_name=name, is_trainable=False)
+            if name in self._slots or name == TRAINING_ADAPTER:
+                raise ValueError(f"an adapter named {name!r} is already loaded")
+            slot = next(
+                (s for s in self._free_slots if _same_shape(self.serving.peft_config[s], config)), None
+            )
+            if slot is not None:
+                self._free_slots.remove(slot)
+                try:
+                    hotswap_adapter(self.serving, str(path), adapter_name=slot, torch_device=str(self.device))
+                except BaseException:
+                    self.serving.delete_adapter(slot)  # it may hold a part of each adapter: never reuse it
+                    raise
+            else:
+                self._slots_made += 1
+                # Fixed width: PEFT's hotswap finds a slot's keys by substring, so with "slot-1" and
+                # "slot-10" a swap into the first would zero the second.
+                slot = f"slot_{self._slots_made:06d}"
+                self.serving.load_adapter(str(path), adapter_name=slot, is_trainable=False)
+            self._slots[name] = slot
 
     def delete_adapter(self, name: str) -> None:
+        """Unload `name`: no request can route to it any more, and its slot waits for the next adapter."""
         with self.serving_lock:
-            self.serving.delete_adapter(name)
+            self._free_slots.append(self._slot_of(name))
+            del self._slots[name]
+
+    @property
+    def slots(self) -> tuple[int, int]:
+        """(slots holding a loaded adapter, free slots) in the serving tree."""
+        return len(self._slots), len(self._free_slots)
+
+    def _slot_of(self, name: str) -> str:
+        try:
+            return self._slots[name]
+        except KeyError:
+            raise KeyError(f"adapter {name!r} is not loaded") from None
 
     # --- training -----------------------------------------------------------------------------------------
     def reset_training_adapter(self) -> None:
@@ -144,3 +191,32 @@ class SharedModel:
         with self.training_lock:
             self.peft.save_pretrained(str(directory), selected_adapters=[TRAINING_ADAPTER])
         return Path(directory)
+
+
+# What decides the LoRA modules' shapes and scaling: adapters equal in these fit the same slot.
+_SLOT_SHAPE = (
+    "r",
+    "lora_alpha",
+    "target_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "rank_pattern",
+    "alpha_pattern",
+    "use_rslora",
+    "use_dora",
+    "bias",
+    "modules_to_save",
+    "lora_dropout",
+    "fan_in_fan_out",
+)
+
+
+def _same_shape(a: LoraConfig, b: LoraConfig) -> bool:
+    if not isinstance(a, LoraConfig) or not isinstance(b, LoraConfig):
+        return False
+    first, second = a.to_dict(), b.to_dict()
+    return all(_comparable(first.get(key)) == _comparable(second.get(key)) for key in _SLOT_SHAPE)
+
+
+def _comparable(value):
+    return sorted(value) if isinstance(value, set | list | tuple) else value
