@@ -55,7 +55,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from ttserve.config import EngineConfig, ModelConfig, ServerConfig, Settings  # noqa: E402
+from ttserve.config import Settings  # noqa: E402
 from ttserve.engines import SamplingParams, collect  # noqa: E402
 
 MAX_TOKENS = 32
@@ -313,12 +313,20 @@ def main() -> None:
 
     from ttserve.datastore.local_corpus import ensure_datastore
 
+    # Sections as dicts, not config objects: pydantic-settings merges a dict with the environment, while an
+    # object replaces the whole section, and TTSERVE_MODEL__DTYPE=... (say) would be silently ignored.
     settings = Settings(
-        model=ModelConfig(name_or_path=args.model, device="cpu"),
-        engine=EngineConfig(kind=args.engine),
-        server=ServerConfig(
-            served_model_name=MODEL_ID, default_compute_budget=0, max_compute_budget=max(budgets)
-        ),
+        model={"name_or_path": args.model, "device": "cpu"},
+        engine={"kind": args.engine},
+        server={
+            "served_model_name": MODEL_ID,
+            "default_compute_budget": 0,
+            "max_compute_budget": max(budgets),
+        },
+    )
+    print(
+        f"# model dtype {settings.model.dtype}, engine {settings.engine}, training {settings.training}",
+        flush=True,
     )
     ensure_datastore(settings)
     prompts = (chat_prompts if args.chat else code_prompts)(4 + len(budgets) * (args.repeats + 2))
