@@ -122,7 +122,7 @@ def make_trainer(tiny_model_dir):
     from ttserve.training import TestTimeTrainer
 
     def make(**training):
-        loaded = load_model(ModelConfig(name_or_path=str(tiny_model_dir), device="cpu"))
+        loaded = load_model(ModelConfig(name_or_path=str(tiny_model_dir), device="cpu", dtype="float32"))
         return TestTimeTrainer(loaded, TrainingConfig(**{"learning_rate": 1e-3, **training}))
 
     return make
@@ -177,7 +177,7 @@ def server_settings(tmp_path_factory, small_corpus, memo_embedder, tiny_model_di
     settings = Settings(
         datastore=DatastoreConfig(path=datastore),
         retrieval=RetrievalConfig(n=8, k=24),
-        model=ModelConfig(name_or_path=str(tiny_model_dir), device="cpu"),
+        model=ModelConfig(name_or_path=str(tiny_model_dir), device="cpu", dtype="float32"),
         training=TrainingConfig(learning_rate=1e-2),
         server=ServerConfig(default_compute_budget=0, max_compute_budget=64, served_model_name="tiny-test"),
     )

@@ -105,7 +105,7 @@ def cluster_app(server_settings, tmp_path_factory):
     on_head = {"ray_actor_options": {"num_cpus": 0.1, "resources": {"head": 1}}}
     overrides = {
         "datastore": {"path": str(sharded), "shards": 2},
-        "model": {"name_or_path": server_settings.model.name_or_path, "device": "cpu"},
+        "model": {"name_or_path": server_settings.model.name_or_path, "device": "cpu", "dtype": "float32"},
         "retrieval": RETRIEVAL,
         "training": {"learning_rate": 0.01},
         "server": {"default_compute_budget": 0, "max_compute_budget": 64, "served_model_name": MODEL},

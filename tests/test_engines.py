@@ -38,7 +38,7 @@ GREEDY = SamplingParams(max_tokens=24, temperature=0)
 @pytest.fixture(scope="session")
 def adapter_dirs(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
     """Two adapters trained hard enough on different text to change greedy output."""
-    loaded = load_model(ModelConfig(name_or_path=str(tiny_model_dir), device="cpu"))
+    loaded = load_model(ModelConfig(name_or_path=str(tiny_model_dir), device="cpu", dtype="float32"))
     trainer = TestTimeTrainer(loaded, TrainingConfig(learning_rate=2e-2))
     root = tmp_path_factory.mktemp("adapters")
     for name, text in ADAPTER_TEXTS.items():
@@ -84,7 +84,7 @@ def _copy(directory: Path, tmp: Path) -> Path:
 def transformers_bundle(tiny_model_dir, adapter_dirs, loop_thread, tmp_path_factory):
     from ttserve.engines.transformers import TransformersEngine
 
-    loaded = load_model(ModelConfig(name_or_path=str(tiny_model_dir), device="cpu"))
+    loaded = load_model(ModelConfig(name_or_path=str(tiny_model_dir), device="cpu", dtype="float32"))
     trainer = TestTimeTrainer(loaded, TrainingConfig(learning_rate=2e-2))
     engine = TransformersEngine(trainer.shared)
     bundle = Bundle("transformers", engine, loop_thread, trainer=trainer)
@@ -412,7 +412,8 @@ def test_adapter_slots_are_reused_and_a_swap_touches_no_other_adapter(tiny_model
     loaded adapter as it was, with eleven slots (PEFT's hotswap finds a slot's keys by substring: a slot
     named "slot-1" would take "slot-10" with it). An adapter of another shape gets a new slot."""
     shared = TestTimeTrainer(
-        load_model(ModelConfig(name_or_path=str(tiny_model_dir), device="cpu")), TrainingConfig()
+        load_model(ModelConfig(name_or_path=str(tiny_model_dir), device="cpu", dtype="float32")),
+        TrainingConfig(),
     ).shared
     ids = torch.tensor([shared.tokenizer(PROMPTS[1])["input_ids"]])
 
@@ -436,7 +437,7 @@ def test_adapter_slots_are_reused_and_a_swap_touches_no_other_adapter(tiny_model
         assert torch.equal(logits(name), expected[name]), name
 
     small = TestTimeTrainer(
-        load_model(ModelConfig(name_or_path=str(tiny_model_dir), device="cpu")),
+        load_model(ModelConfig(name_or_path=str(tiny_model_dir), device="cpu", dtype="float32")),
         TrainingConfig(learning_rate=2e-2, lora_rank=4, lora_alpha=8),
     )
     small.train([ADAPTER_TEXTS["A"]] * 4, 4, output_dir=tmp_path / "rank4")

@@ -32,7 +32,7 @@ def ray_app(server_settings):
 
     overrides = {
         "datastore": {"path": str(server_settings.datastore.path)},
-        "model": {"name_or_path": server_settings.model.name_or_path, "device": "cpu"},
+        "model": {"name_or_path": server_settings.model.name_or_path, "device": "cpu", "dtype": "float32"},
         "retrieval": {"n": 8, "k": 24},
         "training": {"learning_rate": 0.01},
         "server": {"default_compute_budget": 0, "max_compute_budget": 64, "served_model_name": "tiny-test"},

@@ -42,7 +42,7 @@ def test_a_dead_vllm_engine_is_replaced_and_the_service_answers_again(server_set
 
     overrides = {
         "datastore": {"path": str(server_settings.datastore.path)},
-        "model": {"name_or_path": server_settings.model.name_or_path, "device": "cpu"},
+        "model": {"name_or_path": server_settings.model.name_or_path, "device": "cpu", "dtype": "float32"},
         "engine": {"kind": "vllm", "max_model_len": 256, "enforce_eager": True, "max_loras": 1},
         "server": {"default_compute_budget": 0, "served_model_name": "tiny-test"},
     }

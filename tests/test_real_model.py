@@ -72,9 +72,20 @@ def mixed_load_equals_each_alone(server: Running) -> None:
     assert alone[0][1] is None and alone[2][1] is not None  # base and adapted both ran
 
 
+def default_dtype():
+    """What `model.dtype: auto` must give on this machine: bf16 where it runs in hardware, else fp32."""
+    import torch
+
+    from ttserve.lm import native_bf16
+
+    return torch.bfloat16 if native_bf16(torch.device("cpu")) else torch.float32
+
+
 def test_transformers_engine_serves_the_real_model(real_settings, loop_thread):
     with serving(real_settings, loop_thread) as server:
         assert [m.id for m in server.client().models.list().data] == ["SmolLM2-135M-Instruct"]
+        trainer = server.replica.pipeline.trainer
+        assert next(trainer.shared.serving.parameters()).dtype == default_dtype()  # and the trainer's copy
         base = chat(server, content=QUESTION, max_tokens=16, extra_body={"compute_budget": 0})
         assert "Paris" in base.choices[0].message.content and ttt_of(base)["decision"] == "skipped"
         adapted = chat(
@@ -102,6 +113,7 @@ def test_vllm_engine_serves_the_real_model(real_settings, loop_thread):
     with serving(
         real_settings, loop_thread, kind="vllm", max_model_len=1024, enforce_eager=True, max_loras=2
     ) as server:
+        assert server.replica.pipeline.engine.llm.vllm_config.model_config.dtype == default_dtype()
         base = chat(server, content=QUESTION, max_tokens=16, extra_body={"compute_budget": 0})
         assert "Paris" in base.choices[0].message.content
         mixed_load_equals_each_alone(server)

@@ -398,6 +398,7 @@ def test_ttserve_serve_on_local_ray_until_ctrl_c(server_settings, tmp_path):
     env = {
         **os.environ,
         "TTSERVE_MODEL__NAME_OR_PATH": server_settings.model.name_or_path,
+        "TTSERVE_MODEL__DTYPE": server_settings.model.dtype,
         "TTSERVE_MODEL__DEVICE": "cpu",
         "TTSERVE_DATASTORE__PATH": str(server_settings.datastore.path),
         "TTSERVE_RETRIEVAL__N": "8",

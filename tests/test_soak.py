@@ -38,7 +38,7 @@ def test_the_soak_scenario_passes_its_checks(server_settings, tmp_path):
     command = [
         sys.executable, "-m", "loadtests.scenarios", "run", "soak", "--out", str(out),
         "--model", str(server_settings.model.name_or_path), "--datastore", str(server_settings.datastore.path),
-        "--server-env", "TTSERVE_MODEL__DEVICE=cpu",
+        "--server-env", "TTSERVE_MODEL__DEVICE=cpu", "--server-env", "TTSERVE_MODEL__DTYPE=float32",
         "--server-env", "TTSERVE_RETRIEVAL__N=8", "--server-env", "TTSERVE_RETRIEVAL__K=24",
         # A high rate, so that one to four steps change the answer: the wrong-adapter check can then see
         # an answer from another adapter (the tiny model's base answers hardly depend on the prompt).

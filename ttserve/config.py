@@ -114,7 +114,8 @@ class ModelConfig(_Section):
     embedded default (DEFAULT_MODEL), so everything works offline."""
 
     name_or_path: str | None = None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    # auto: bf16 where bf16 runs in hardware (CUDA; CPUs with AVX512-BF16 or AMX), else fp32 (ttserve.lm)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str | None = None  # None: CUDA when available
 
 

@@ -24,8 +24,11 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The weights' dtype. "auto": bf16 wherever bf16 matrix products run in hardware (`native_bf16`), else
+    fp32. On the default model bf16 weights keep the test-time training gain and halve the bytes every decoded
+    token reads (BENCHMARKS.md, "bf16 weights"); where bf16 is emulated they would be slower."""
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if native_bf16(device) else torch.float32
     return getattr(torch, dtype)
 
 

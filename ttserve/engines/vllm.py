@@ -62,8 +62,14 @@ class VLLMEngine(Engine):
         self.model_name = model
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         on_cpu = current_platform.is_cpu()
-        if dtype == "auto":  # the same choice as ttserve.lm: fp32 on CPU, bf16 on GPUs
-            dtype = "float32" if on_cpu else "bfloat16"
+        if dtype == "auto":  # the same choice as the trainer's copy (ttserve.lm.resolve_dtype)
+            import torch
+
+            from ttserve.lm import resolve_dtype
+
+            dtype = str(resolve_dtype("auto", torch.device("cpu" if on_cpu else "cuda"))).removeprefix(
+                "torch."
+            )
         args = AsyncEngineArgs(
             model=model,
             dtype=dtype,
