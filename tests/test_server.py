@@ -418,6 +418,7 @@ def test_ttserve_serve_on_local_ray_until_ctrl_c(server_settings, tmp_path):
             # Ctrl-C as a terminal delivers it, even when pytest itself was started in the background by a
             # non-interactive shell: that leaves SIGINT ignored, and a child inherits the ignore.
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+            start_new_session=True,  # its own process group, so that a failed stop can take Ray down with it
         )
     try:
         deadline = time.monotonic() + 600
@@ -447,7 +448,13 @@ def test_ttserve_serve_on_local_ray_until_ctrl_c(server_settings, tmp_path):
         assert 'decision="trained"' in httpx.get(f"{running.url}/metrics").text
     finally:
         process.send_signal(signal.SIGINT)
-        code = process.wait(120)
+        try:
+            code = process.wait(120)
+        except subprocess.TimeoutExpired:
+            # Never leave a local Ray cluster running for the rest of the suite (and after it).
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            raise AssertionError("Ctrl-C did not stop `ttserve serve` within 120 s") from None
     assert code == 0, log.read_text()[-3000:]
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{port}/health")
