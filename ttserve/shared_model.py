@@ -76,9 +76,8 @@ class SharedModel:
         self._initial = [p.detach().clone() for p in self.trainable_parameters]
         self.training_lock = threading.Lock()
         self.serving_lock = threading.Lock()
-        self._slots: dict[
-            str, str
-        ] = {}  # loaded adapter's name -> its slot (the serving tree's adapter name)
+        # A loaded adapter's name -> its slot (the serving tree's name for the LoRA modules it is in).
+        self._slots: dict[str, str] = {}
         self._free_slots: list[str] = []  # slots of unloaded adapters, reachable by no name
         self._slots_made = 0
 
