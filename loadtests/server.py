@@ -1,6 +1,7 @@
-"""`ttserve serve` as a subprocess of a load test: on a free loopback port, ready once it logs that it is
-serving, stopped with SIGTERM (which it handles as Ctrl-C). If it does not stop in time, its whole process
-tree (Ray's processes included) is killed, so a scenario never leaves a server behind.
+"""`ttserve serve` as a subprocess of a load test (and of test_server's Ctrl-C test): on a free loopback
+port, ready once it logs that it is serving, stopped with SIGTERM (which it handles as Ctrl-C) or SIGINT. If
+it does not stop in time, its whole process tree (Ray's processes included) is killed, so a scenario never
+leaves a server behind.
 """
 
 from __future__ import annotations
@@ -54,7 +55,15 @@ class ServeProcess:
         """Start it and wait until it serves; raises RuntimeError (with the log's tail) if it exits or takes
         longer than `timeout_s`, after stopping it."""
         with open(self.log_path, "w") as log:
-            self.process = subprocess.Popen(self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                self.command,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                # SIGINT as a terminal delivers it, even when this runs in the background of a
+                # non-interactive shell: that leaves SIGINT ignored, and a child inherits the ignore.
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+            )
         deadline = time.monotonic() + timeout_s
         while (ready := READY.search(self.log_path.read_text(errors="replace"))) is None:
             failed = "exited" if self.process.poll() is not None else None
@@ -67,13 +76,13 @@ class ServeProcess:
         self.model, self.url = ready.groups()
         return self
 
-    def stop(self, timeout_s: float) -> int | None:
-        """SIGTERM, then wait; past `timeout_s`, kill it and every process under it. Returns its exit code
-        (None if it had to be killed)."""
+    def stop(self, timeout_s: float, signal_number: int = signal.SIGTERM) -> int | None:
+        """`signal_number` (SIGINT: Ctrl-C), then wait; past `timeout_s`, kill it and every process under it.
+        Returns its exit code (None if it had to be killed)."""
         if self.process is None or self.process.poll() is not None:
             return None if self.process is None else self.process.returncode
         tree = _descendants(self.process.pid)
-        self.process.send_signal(signal.SIGTERM)
+        self.process.send_signal(signal_number)
         try:
             return self.process.wait(timeout_s)
         except subprocess.TimeoutExpired:

@@ -20,6 +20,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_app_on_serve(args: dict, **start_options) -> str:
+    """Start Serve on a free local port and run ttserve's app built from `args` (`build_app`'s: overrides,
+    deployments) on it, without waiting for its replicas; the base URL. Ray must be initialised."""
+    from ray import serve
+
+    from ttserve.serving.app import build_app
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, **start_options)
+    serve.run(build_app(args), name="ttserve", route_prefix="/", blocking=False)
+    return f"http://127.0.0.1:{port}"
+
+
 class ServerThread:
     """uvicorn serving an app on a free local port, in a background thread."""
 

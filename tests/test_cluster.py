@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.serving import free_port
+from tests.serving import run_app_on_serve
 
 pytestmark = pytest.mark.slow
 
@@ -89,7 +89,6 @@ def cluster_app(server_settings, tmp_path_factory):
     from ray.cluster_utils import Cluster
 
     from ttserve.datastore.shards import shard_datastore
-    from ttserve.serving.app import build_app
 
     sharded = tmp_path_factory.mktemp("cluster") / "sharded"
     shard_datastore(server_settings.datastore.path, sharded, 2, progress=False)
@@ -116,17 +115,11 @@ def cluster_app(server_settings, tmp_path_factory):
         "Shard": on_head,
         "Generator": {"num_replicas": 2, "ray_actor_options": {"num_cpus": 1, "resources": {"generator": 1}}},
     }
-    port = free_port()
     try:
         # One proxy, on the head: every node shares this machine's ports.
-        serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
-        serve.run(
-            build_app({"overrides": overrides, "deployments": deployments}),
-            name="ttserve",
-            route_prefix="/",
-            blocking=False,
+        url = run_app_on_serve(
+            {"overrides": overrides, "deployments": deployments}, proxy_location="HeadOnly"
         )
-        url = f"http://127.0.0.1:{port}"
         wait_until(lambda: generators_running(serve) == 2, 300, "two Generator replicas")
         yield {"url": url, "cluster": cluster, "workers": workers, "serve": serve, "sharded": sharded}
     finally:

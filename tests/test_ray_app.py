@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from tests.serving import CODE_PROMPT, Running, chat, free_port, ttt_of
+from tests.serving import CODE_PROMPT, Running, chat, run_app_on_serve, ttt_of
 
 pytestmark = pytest.mark.slow
 
@@ -28,8 +28,6 @@ def ray_app(server_settings):
     ray = pytest.importorskip("ray")
     from ray import serve
 
-    from ttserve.serving.app import build_app
-
     overrides = {
         "datastore": {"path": str(server_settings.datastore.path)},
         "model": {"name_or_path": server_settings.model.name_or_path, "device": "cpu", "dtype": "float32"},
@@ -38,7 +36,6 @@ def ray_app(server_settings):
         "server": {"default_compute_budget": 0, "max_compute_budget": 64, "served_model_name": "tiny-test"},
     }
     before = scratch_directories()
-    port = free_port()
     ray.init(
         num_cpus=2,
         include_dashboard=False,
@@ -47,9 +44,7 @@ def ray_app(server_settings):
         log_to_driver=False,
     )
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app({"overrides": overrides}), name="ttserve", route_prefix="/", blocking=False)
-        yield Running(f"http://127.0.0.1:{port}", None, server_settings, "tiny-test")
+        yield Running(run_app_on_serve({"overrides": overrides}), None, server_settings, "tiny-test")
     finally:
         serve.shutdown()
         ray.shutdown()

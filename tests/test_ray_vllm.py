@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.serving import free_port
+from tests.serving import run_app_on_serve
 
 pytestmark = pytest.mark.slow
 
@@ -38,8 +38,6 @@ def test_a_dead_vllm_engine_is_replaced_and_the_service_answers_again(server_set
     ray = pytest.importorskip("ray")
     from ray import serve
 
-    from ttserve.serving.app import build_app
-
     overrides = {
         "datastore": {"path": str(server_settings.datastore.path)},
         "model": {"name_or_path": server_settings.model.name_or_path, "device": "cpu", "dtype": "float32"},
@@ -47,18 +45,10 @@ def test_a_dead_vllm_engine_is_replaced_and_the_service_answers_again(server_set
         "server": {"default_compute_budget": 0, "served_model_name": "tiny-test"},
     }
     deployments = {"Generator": {"health_check_period_s": 2, "health_check_timeout_s": 10}}
-    port = free_port()
     shm_before = set(Path("/dev/shm").glob("psm_*"))
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=128 * 2**20, log_to_driver=False)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(
-            build_app({"overrides": overrides, "deployments": deployments}),
-            name="ttserve",
-            route_prefix="/",
-            blocking=False,
-        )
-        url = f"http://127.0.0.1:{port}/v1/completions"
+        url = run_app_on_serve({"overrides": overrides, "deployments": deployments}) + "/v1/completions"
         before = httpx.post(url, json=BODY, timeout=120)
         assert before.status_code == 200, before.text
         (replica,) = generator_processes()

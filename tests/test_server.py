@@ -15,7 +15,7 @@ import openai
 import pytest
 from pydantic import SecretStr
 
-from tests.serving import CODE_PROMPT, Running, ServerThread, chat, free_port, ttt_of
+from tests.serving import CODE_PROMPT, Running, ServerThread, chat, ttt_of
 
 pytestmark = pytest.mark.slow
 
@@ -391,10 +391,9 @@ def test_ttserve_serve_on_local_ray_until_ctrl_c(server_settings, tmp_path):
     generator -> retriever), the official openai client, then Ctrl-C shuts everything down."""
     import os
     import signal
-    import subprocess
-    import sys
 
-    port = free_port()
+    from loadtests.server import ServeProcess
+
     env = {
         **os.environ,
         "TTSERVE_MODEL__NAME_OR_PATH": server_settings.model.name_or_path,
@@ -408,25 +407,10 @@ def test_ttserve_serve_on_local_ray_until_ctrl_c(server_settings, tmp_path):
         "TTSERVE_SERVER__MAX_COMPUTE_BUDGET": "64",
         "TTSERVE_SERVER__SERVED_MODEL_NAME": "tiny-test",
     }
-    log = tmp_path / "serve.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "ttserve", "serve", "--port", str(port)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            # Ctrl-C as a terminal delivers it, even when pytest itself was started in the background by a
-            # non-interactive shell: that leaves SIGINT ignored, and a child inherits the ignore.
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-            start_new_session=True,  # its own process group, so that a failed stop can take Ray down with it
-        )
+    server = ServeProcess([], env, tmp_path / "serve.log").start(timeout_s=600)
     try:
-        deadline = time.monotonic() + 600
-        while "is serving tiny-test at" not in log.read_text():
-            assert process.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "ttserve serve did not come up"
-            time.sleep(1)
-        running = Running(f"http://127.0.0.1:{port}", None, server_settings, "tiny-test")
+        assert server.model == "tiny-test"
+        running = Running(server.url, None, server_settings, "tiny-test")
         base = chat(running, extra_body={"compute_budget": 0})
         assert ttt_of(base)["decision"] == "skipped"
         trained = ttt_of(chat(running, extra_body={"compute_budget": 2, "ttt": {"mode": "always"}}))
@@ -447,17 +431,11 @@ def test_ttserve_serve_on_local_ray_until_ctrl_c(server_settings, tmp_path):
         assert httpx.get(f"{running.url}/health").json() == {"status": "ok"}
         assert 'decision="trained"' in httpx.get(f"{running.url}/metrics").text
     finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            code = process.wait(120)
-        except subprocess.TimeoutExpired:
-            # Never leave a local Ray cluster running for the rest of the suite (and after it).
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            raise AssertionError("Ctrl-C did not stop `ttserve serve` within 120 s") from None
-    assert code == 0, log.read_text()[-3000:]
+        # Ctrl-C; past 120 s the whole process tree is killed (None), so no local Ray cluster outlives the test.
+        code = server.stop(timeout_s=120, signal_number=signal.SIGINT)
+    assert code == 0, server.log_tail()
     with pytest.raises(httpx.ConnectError):
-        httpx.get(f"http://127.0.0.1:{port}/health")
+        httpx.get(f"{server.url}/health")
 
 
 def test_the_vllm_engine_behind_the_server_answers_like_the_transformers_engine(

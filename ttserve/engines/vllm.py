@@ -280,6 +280,7 @@ class VLLMEngine(Engine):
 SHM = Path("/dev/shm")
 SHM_LEDGER = "ttserve-vllm-shm"
 SEGMENTS = "segments"
+SEGMENT_NAME = r"psm_[0-9a-f]+"  # what Python's multiprocessing names a segment, and all the ledger unlinks
 
 
 def _shared_memory_segments() -> set[str]:
@@ -295,7 +296,7 @@ def segments_mapped_by(pids: Iterable[int]) -> set[str]:
             maps = Path(f"/proc/{pid}/maps").read_text()
         except OSError:
             continue
-        names.update(re.findall(rf"{SHM}/(psm_[0-9a-f]+)", maps))
+        names.update(re.findall(rf"{SHM}/({SEGMENT_NAME})", maps))
     return names
 
 
@@ -312,5 +313,5 @@ def _unlink_listed_segments(ledger: Path) -> None:
     except OSError:
         return
     for name in names:
-        if re.fullmatch(r"psm_[0-9a-f]+", name):  # only what vLLM's multiprocessing names look like
+        if re.fullmatch(SEGMENT_NAME, name):
             (SHM / name).unlink(missing_ok=True)
