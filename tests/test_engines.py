@@ -134,7 +134,9 @@ def vllm_bundles(tiny_model_dir, adapter_dirs, loop_thread, tmp_path_factory):
         scratch = tmp_path_factory.mktemp("vllm-scratch")
         before = {p.pid for p in psutil.Process().children(recursive=True)}
         shm_before = set(SHM.glob("psm_*"))
-        engine = VLLMEngine(str(tiny_model_dir), config, TrainingConfig(), dtype="float32", scratch_dir=scratch)
+        engine = VLLMEngine(
+            str(tiny_model_dir), config, TrainingConfig(), dtype="float32", scratch_dir=scratch
+        )
         bundle = Bundle("vllm", engine, loop_thread)
         bundle.processes = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
         bundle.segments = set(SHM.glob("psm_*")) - shm_before
