@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -105,6 +106,7 @@ SCENARIOS = {
 }
 
 ScenarioName = Enum("ScenarioName", {name: name for name in SCENARIOS}, type=str)  # typer's choices
+StopSignal = Enum("StopSignal", {name: name for name in ("TERM", "INT")}, type=str)
 
 # A soak's leak checks allow this much over the warm-up's maximum: Ray starts and retires helper threads
 # (and their descriptors) on its own schedule, which is not growth.
@@ -155,6 +157,12 @@ def run(
     interval: Annotated[float, typer.Option(help="seconds between monitor samples")] = 1.0,
     warmup: Annotated[float, typer.Option(help="the share of the run counted as warm-up")] = 0.2,
     startup_timeout: Annotated[float, typer.Option(help="seconds the server may take to start")] = 600,
+    stop_signal: Annotated[
+        StopSignal,
+        typer.Option(
+            help="how the server started here is stopped: TERM as a service manager does, INT as Ctrl-C"
+        ),
+    ] = StopSignal.TERM,
     time_limit: Annotated[
         float | None,
         typer.Option(help="hard wall-clock limit for the whole scenario (default: duration + 15 min)"),
@@ -184,6 +192,7 @@ def run(
         env=dict(_key_value(item) for item in server_env or []),
         url=server_url.rstrip("/") if server_url else None,
         startup_timeout_s=startup_timeout,
+        stop_signal=signal.Signals[f"SIG{stop_signal.value}"],
     )
     out.mkdir(parents=True, exist_ok=True)
     limit = time_limit if time_limit is not None else chosen.duration_s + 900
@@ -210,6 +219,7 @@ class Target:
     env: dict[str, str] = field(default_factory=dict)
     url: str | None = None
     startup_timeout_s: float = 600
+    stop_signal: signal.Signals = signal.SIGTERM
 
 
 def run_scenario(
@@ -252,12 +262,13 @@ def run_scenario(
             samples = monitor.stop(settle_s=30)
     finally:
         # past the time limit too: a scenario never leaves a server behind
-        server_exit = server.stop(timeout_s=60) if server else None
+        server_exit = server.stop(timeout_s=60, signal_number=target.stop_signal) if server else None
 
     summary = summarise(samples, warmup)
     results = scenario_checks(scenario, load, samples, summary, bound)
     if server is not None:
-        results.append(checks.Check("server stopped cleanly", server_exit == 0, f"exit code {server_exit}"))
+        stopped = f"exit code {server_exit} after {target.stop_signal.name}"
+        results.append(checks.Check("server stopped cleanly", server_exit == 0, stopped))
     sample_dicts = [asdict(s) for s in samples]
     plots = write_plots(load, sample_dicts, out)
     context = {

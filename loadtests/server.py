@@ -1,7 +1,6 @@
-"""`ttserve serve` as a subprocess of a load test (and of test_server's Ctrl-C test): on a free loopback
-port, ready once it logs that it is serving, stopped with SIGTERM (which it handles as Ctrl-C) or SIGINT. If
-it does not stop in time, its whole process tree (Ray's processes included) is killed, so a scenario never
-leaves a server behind.
+"""`ttserve serve` as a subprocess of a load test: on a free loopback port, ready once it logs that it is
+serving, stopped with SIGTERM (which it handles as Ctrl-C) or SIGINT. If it does not stop in time, its whole
+process tree (Ray's processes included) is killed, so a scenario never leaves a server behind.
 """
 
 from __future__ import annotations

@@ -385,59 +385,8 @@ def test_metrics_count_requests_and_training(running):
     )
 
 
-# --- the main job: `ttserve serve`, the same API through Ray Serve -------------------------------------------------
-def test_ttserve_serve_on_local_ray_until_ctrl_c(server_settings, tmp_path):
-    """The README's main command as a user runs it: local Ray, the real deployment graph (ingress ->
-    generator -> retriever), the official openai client, then Ctrl-C shuts everything down."""
-    import os
-    import signal
-
-    from loadtests.server import ServeProcess
-
-    env = {
-        **os.environ,
-        "TTSERVE_MODEL__NAME_OR_PATH": server_settings.model.name_or_path,
-        "TTSERVE_MODEL__DTYPE": server_settings.model.dtype,
-        "TTSERVE_MODEL__DEVICE": "cpu",
-        "TTSERVE_DATASTORE__PATH": str(server_settings.datastore.path),
-        "TTSERVE_RETRIEVAL__N": "8",
-        "TTSERVE_RETRIEVAL__K": "24",
-        "TTSERVE_TRAINING__LEARNING_RATE": "0.01",
-        "TTSERVE_SERVER__DEFAULT_COMPUTE_BUDGET": "0",
-        "TTSERVE_SERVER__MAX_COMPUTE_BUDGET": "64",
-        "TTSERVE_SERVER__SERVED_MODEL_NAME": "tiny-test",
-    }
-    server = ServeProcess([], env, tmp_path / "serve.log").start(timeout_s=600)
-    try:
-        assert server.model == "tiny-test"
-        running = Running(server.url, None, server_settings, "tiny-test")
-        base = chat(running, extra_body={"compute_budget": 0})
-        assert ttt_of(base)["decision"] == "skipped"
-        trained = ttt_of(chat(running, extra_body={"compute_budget": 2, "ttt": {"mode": "always"}}))
-        assert trained["decision"] == "trained" and trained["steps"] == 2 and trained["selected_ids"]
-        stream = running.client().chat.completions.create(
-            model="tiny-test",
-            messages=[{"role": "user", "content": CODE_PROMPT}],
-            max_tokens=12,
-            temperature=0,
-            stream=True,
-            extra_body={"compute_budget": 0},
-        )
-        chunks = list(stream)
-        assert "".join(c.choices[0].delta.content or "" for c in chunks) == base.choices[0].message.content
-        assert ttt_of(chunks[-1])["budget"] == 0
-        with pytest.raises(openai.BadRequestError):
-            chat(running, extra_body={"compute_budget": 10**6})
-        assert httpx.get(f"{running.url}/health").json() == {"status": "ok"}
-        assert 'decision="trained"' in httpx.get(f"{running.url}/metrics").text
-    finally:
-        # Ctrl-C; past 120 s the whole process tree is killed (None), so no local Ray cluster outlives the test.
-        code = server.stop(timeout_s=120, signal_number=signal.SIGINT)
-    assert code == 0, server.log_tail()
-    with pytest.raises(httpx.ConnectError):
-        httpx.get(f"{server.url}/health")
-
-
+# --- the vLLM engine behind the same server ------------------------------------------------------------------------
+# (`ttserve serve` itself, on local Ray until Ctrl-C, is test_soak's server.)
 def test_the_vllm_engine_behind_the_server_answers_like_the_transformers_engine(
     running, server_settings, loop_thread
 ):

@@ -1,6 +1,7 @@
 """The soak scenario end to end: `ttserve serve` (local Ray) on the tiny model, 500 requests with training,
 streamed and not, some abandoned mid-stream, through an adapter cache of 4 so that adapters are evicted and
-trained again; every check of the scenario must pass and the report must be written.
+trained again; then Ctrl-C, as a user stops the README's main command, must shut everything down. Every check
+of the scenario must pass and the report must be written.
 
 The scenario runs as `python -m loadtests.scenarios`, a subprocess, as a user runs it: it starts the server
 and locust as subprocesses of its own.
@@ -14,6 +15,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,6 +46,7 @@ def test_the_soak_scenario_passes_its_checks(server_settings, tmp_path):
         # an answer from another adapter (the tiny model's base answers hardly depend on the prompt).
         "--server-env", "TTSERVE_TRAINING__LEARNING_RATE=0.1",
         "--requests", "500", "--max-tokens", "16", "--max-adapters", str(MAX_ADAPTERS), "--time-limit", "600",
+        "--stop-signal", "INT",
     ]  # fmt: skip
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=700)
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
@@ -53,6 +56,9 @@ def test_the_soak_scenario_passes_its_checks(server_settings, tmp_path):
     assert all(c["passed"] is not False for c in checks.values()), checks
     assert all(checks[name]["passed"] is True for name in MUST_PASS), checks
     assert "at rest" in checks["adapters on disk follow the cache"]["detail"]  # compared when idle too
+    assert checks["server stopped cleanly"]["detail"] == "exit code 0 after SIGINT"
+    with pytest.raises(httpx.ConnectError):  # nothing of it is left listening
+        httpx.get(f"{report['server']['url']}/health")
     assert "resident memory slope" in checks and "MB/min" in checks["resident memory slope"]["detail"]
 
     load = report["load"]
