@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/policy_frontier.py results/heldout-pile/results.json [more results.json ...]
     .venv/bin/python benchmarks/policy_frontier.py --calibration my-calibration.json results/x/results.json
+    .venv/bin/python benchmarks/policy_frontier.py --fit results/calib-pile/results.json results/heldout-pile/results.json
 
 For each `ttserve eval` result (run with SIFT at several step counts, so it records each prompt's variance
 trajectory and realised gains) it replays, without training anything:
@@ -11,7 +12,12 @@ trajectory and realised gains) it replays, without training anything:
 - **ranking only**: the best the gain model's ranking of prompts allows: train the prompts with the highest
   predicted gain for the whole budget, skipping the rest, just enough of them to keep `--keep`;
 - **oracle**: the fewest steps that keep `--keep` of the gain when each prompt's own realised curve is known
-  (each prompt gets 0 or one of the recorded step counts; exact, by dynamic programming over total steps).
+  (each prompt gets 0 or one of the recorded step counts; exact, by dynamic programming over total steps);
+- **probe** (with `--fit`): a policy that looks at the prompt itself after a few steps. Skip the prompts
+  whose predicted gain is below t1; train the others `--probe-steps`, measure the prompt's own BPB gain so
+  far (two forward passes over it, counted as `--probe-cost` steps), and train on to the whole budget only
+  if that gain is at least t2. t1 and t2 are fitted on the `--fit` results (the tuning split) to keep
+  `--keep` of the gain there with the fewest steps, then replayed on each results file.
 
 The gap between the policy and the oracle is what a better predictor could win; the gap between the policy
 and "ranking only" is what planning within a prompt wins or loses.
@@ -65,6 +71,39 @@ def oracle_share(prompts: list[CalibrationPrompt], budget: int, keep: float) -> 
     return min(used for used, gain in best.items() if gain >= target) / (budget * len(prompts))
 
 
+def probe_share(
+    prompts: list[CalibrationPrompt],
+    model: GainModel,
+    budget: int,
+    probe: int,
+    cost: float,
+    t1: float,
+    t2: float,
+) -> tuple[float, float]:
+    steps = gain = 0.0
+    for p in prompts:
+        if model.curve(p.variances, budget)[-1] < t1:
+            continue
+        n = budget if p.realised(probe) >= t2 else probe
+        steps += n + cost
+        gain += p.weight * p.realised(n)
+    return steps / (budget * len(prompts)), gain / full_budget_gain(prompts, budget)
+
+
+def fit_probe(
+    prompts: list[CalibrationPrompt], model: GainModel, budget: int, probe: int, cost: float, keep: float
+) -> tuple[float, float]:
+    """(t1, t2) on a 0.01 BPB grid: the fewest steps that keep `keep` of the gain on `prompts`."""
+    grid = np.round(np.arange(0.0, 0.3, 0.01), 2)
+    best = (np.inf, 0.0, 0.0)
+    for t1 in grid:
+        for t2 in grid:
+            steps, kept = probe_share(prompts, model, budget, probe, cost, t1, t2)
+            if kept >= keep and steps < best[0]:
+                best = (steps, t1, t2)
+    return best[1], best[2]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -73,18 +112,31 @@ def main() -> None:
     parser.add_argument("--calibration", default=None, help="gain model JSON (default: the default model's)")
     parser.add_argument("--budget", type=int, default=16)
     parser.add_argument("--keep", type=float, default=0.9)
+    parser.add_argument("--fit", nargs="*", default=[], help="results.json files to fit the probe policy on")
+    parser.add_argument("--probe-steps", type=int, default=4)
+    parser.add_argument("--probe-cost", type=float, default=2 / 3, help="the probe's cost, in training steps")
     args = parser.parse_args()
     model = GainModel.load(args.calibration or DEFAULT_CALIBRATION)
-    print(
-        f"| results | prompts | policy: steps / gain kept | ranking only: steps for {args.keep:.0%} | oracle: steps for {args.keep:.0%} |"
-    )
-    print("|---|---:|---:|---:|---:|")
+    probe = None
+    if args.fit:
+        tuning = [p for path in args.fit for p in load_report(path).calibration_prompts()]
+        probe = fit_probe(tuning, model, args.budget, args.probe_steps, args.probe_cost, args.keep)
+        print(
+            f"probe after {args.probe_steps} steps, fitted on {len(tuning)} prompts: t1 {probe[0]}, t2 {probe[1]}"
+        )
+    header = f"| results | prompts | policy: steps / gain kept | ranking only: steps for {args.keep:.0%} | oracle: steps for {args.keep:.0%} |"
+    print(header + (" probe: steps / gain kept |" if probe else ""))
+    print("|---|---:|---:|---:|---:|" + ("---:|" if probe else ""))
     for path in args.results:
         prompts = load_report(path).calibration_prompts()
         steps, kept = policy_share(prompts, model, args.budget)
         ranking = ranking_share(prompts, model, args.budget, args.keep)
         oracle = oracle_share(prompts, args.budget, args.keep)
-        print(f"| {path} | {len(prompts)} | {steps:.0%} / {kept:.1%} | {ranking:.0%} | {oracle:.0%} |")
+        row = f"| {path} | {len(prompts)} | {steps:.0%} / {kept:.1%} | {ranking:.0%} | {oracle:.0%} |"
+        if probe:
+            steps, kept = probe_share(prompts, model, args.budget, args.probe_steps, args.probe_cost, *probe)
+            row += f" {steps:.0%} / {kept:.1%} |"
+        print(row)
 
 
 if __name__ == "__main__":
