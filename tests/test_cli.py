@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 
@@ -102,3 +103,29 @@ def test_module_entry_point():
         [sys.executable, "-m", "ttserve", "--help"], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0 and "index" in result.stdout and "retrieve" in result.stdout
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_serve_waits_for_ctrl_c_and_sigterm_stops_it_as_cleanly(signal_number):
+    """`ttserve serve`'s wait once it is ready (test_soak stops a whole server with Ctrl-C): a signal sent as
+    soon as it says it is ready, as a load test or a service manager sends it, ends the wait the same way."""
+    waiting = (
+        "from ttserve.serving.app import wait_for_interrupt\n"
+        "try:\n"
+        "    wait_for_interrupt(lambda: print('ready', flush=True))\n"
+        "except KeyboardInterrupt:\n"
+        "    print('stopped')\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", waiting],
+        stdout=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # even under a background shell
+    )
+    try:
+        assert child.stdout.readline() == "ready\n"
+        child.send_signal(signal_number)
+        out, _ = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert (out, child.returncode) == ("stopped\n", 0)

@@ -306,15 +306,24 @@ def serve_on_local_ray(
         serve.start(http_options={"host": host, "port": port})
         args = {"config": str(config.resolve()) if config else None}
         serve.run(build_app(args), name="ttserve", route_prefix="/", blocking=False)
-        on_ready(f"http://{host}:{port}")
-        signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as cleanly as Ctrl-C
-        while True:
-            time.sleep(3600)
+        url = f"http://{host}:{port}"
+        wait_for_interrupt(lambda: on_ready(url))
     except KeyboardInterrupt:
         on_stop()
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def wait_for_interrupt(on_waiting: Callable[[], None]) -> None:
+    """Call `on_waiting()`, then block until Ctrl-C or SIGTERM, both of which raise KeyboardInterrupt here:
+    `kill` (a service manager, `docker stop`) stops the server as cleanly as Ctrl-C. Call from the main
+    thread after `ray.init`, whose own SIGTERM handler exits with an error; `on_waiting` runs once this one is in
+    place, so whoever it tells that the server is ready may stop it from then on."""
+    signal.signal(signal.SIGTERM, _interrupt)
+    on_waiting()
+    while True:
+        time.sleep(3600)
 
 
 def _interrupt(*_: object) -> None:
