@@ -205,7 +205,6 @@ def plain_vllm_engine(model: str, config: EngineConfig, dtype: str):
     """vLLM's AsyncLLM with enable_lora=False, behind VLLMEngine's own generate (same code path)."""
     from transformers import AutoTokenizer
     from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.v1.engine.async_llm import AsyncLLM
 
     from ttserve.engines.vllm import VLLMEngine
 
@@ -224,7 +223,7 @@ def plain_vllm_engine(model: str, config: EngineConfig, dtype: str):
                 enforce_eager=config.enforce_eager,
                 disable_log_stats=True,
             )
-            self.llm = AsyncLLM.from_engine_args(args)
+            self._start_llm(args, None)  # and list its shared memory, which close() frees
             self.max_model_len = self.llm.vllm_config.model_config.max_model_len
             self._adapters, self._requests = {}, {}
             self.routes_base_through_zero_adapter = False

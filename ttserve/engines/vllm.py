@@ -55,7 +55,6 @@ class VLLMEngine(Engine):
         from transformers import AutoTokenizer
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.platforms import current_platform
-        from vllm.v1.engine.async_llm import AsyncLLM
 
         config = config or EngineConfig()
         training = training or TrainingConfig()
@@ -83,17 +82,7 @@ class VLLMEngine(Engine):
             enforce_eager=config.enforce_eager,
             disable_log_stats=True,
         )
-        # vLLM's processes talk through POSIX shared memory (Python's `psm_*` segments, hundreds of MB in
-        # /dev/shm, which is memory). A killed engine never unlinks them, so this engine lists the ones it
-        # made in a scratch directory of its own; the next engine on the machine frees a dead owner's.
-        # "Made" is new since the start and mapped by this process or its children: another engine starting
-        # on the machine at the same time makes segments too, and unlinking those would break its start.
-        sweep_scratch(self._shm_root(scratch_dir), SHM_LEDGER, before_removal=_unlink_listed_segments)
-        before = _shared_memory_segments()
-        self.llm = AsyncLLM.from_engine_args(args)
-        self._shm_ledger = scratch_directory(self._shm_root(scratch_dir), prefix=SHM_LEDGER)
-        made = (_shared_memory_segments() - before) & segments_mapped_by(_this_process_tree())
-        (self._shm_ledger / SEGMENTS).write_text("\n".join(sorted(made)))
+        self._start_llm(args, scratch_dir)
         self.max_model_len = self.llm.vllm_config.model_config.max_model_len
         self._training = training
         self._requests: dict[str, object] = {}  # adapter name -> LoRARequest
@@ -104,6 +93,23 @@ class VLLMEngine(Engine):
         self._zero_request = None
         self._scratch_root = scratch_dir
         self._zero_dir: Path | None = None
+
+    def _start_llm(self, args, scratch_dir: str | Path | None) -> None:
+        """Start vLLM's AsyncLLM from engine `args` as `self.llm`, and list the shared memory it makes.
+
+        vLLM's processes talk through POSIX shared memory (Python's `psm_*` segments, hundreds of MB in
+        /dev/shm, which is memory). A killed engine never unlinks them, so this engine lists the ones it
+        made in a scratch directory of its own; the next engine on the machine frees a dead owner's.
+        "Made" is new since the start and mapped by this process or its children: another engine starting
+        on the machine at the same time makes segments too, and unlinking those would break its start."""
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        sweep_scratch(self._shm_root(scratch_dir), SHM_LEDGER, before_removal=_unlink_listed_segments)
+        before = _shared_memory_segments()
+        self.llm = AsyncLLM.from_engine_args(args)
+        self._shm_ledger = scratch_directory(self._shm_root(scratch_dir), prefix=SHM_LEDGER)
+        made = (_shared_memory_segments() - before) & segments_mapped_by(_this_process_tree())
+        (self._shm_ledger / SEGMENTS).write_text("\n".join(sorted(made)))
 
     async def start(self) -> VLLMEngine:
         """Load the zero adapter (when base traffic goes through it). Call once, from the serving loop."""
