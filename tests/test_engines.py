@@ -10,12 +10,14 @@ import asyncio
 import copy
 import dataclasses
 import os
+import re
 import shutil
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -650,12 +652,54 @@ def test_incremental_detokenization_equals_decoding_everything(tiny_model_dir):
         assert text == tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def test_a_dead_vllm_engine_process_makes_the_engine_unhealthy(vllm_bundles):
-    """vLLM's engine core is a process of its own: when it dies, `check_health` raises (the Generator
-    replica's Serve health check then fails and Serve replaces the replica), instead of requests hanging."""
+# `running` is every module's shared server: an adapter this test trains there is cached for the session, so
+# its prompt is one that no other test sends (test_server expects to train its own first).
+SERVER_PROMPT = "How long do I knead the dough before the bread rises?"
+
+
+def lora_gate_counts(url: str) -> dict[str, float]:
+    """The server's /metrics: requests through vLLM's LoRA gate so far, by path."""
+    text = httpx.get(f"{url}/metrics").text
+    found = re.findall(r'ttserve_generator_lora_gate_requests_total\{path="(\w+)"\} (\S+)', text)
+    return {path: float(value) for path, value in found if path in ("plain", "adapted")}
+
+
+def test_vllm_behind_the_server_answers_like_transformers_until_its_process_dies(
+    vllm_bundles, running, server_settings, loop_thread
+):
+    """engine.kind=vllm behind the whole in-process server: the trainer keeps its own copy of the base weights
+    and adapters reach vLLM as files. Greedy answers, base and adapted, equal the transformers engine's.
+
+    Then vLLM's engine core, a process of its own, dies: `check_health` raises (the Generator replica's Serve
+    health check then fails and Serve replaces the replica: test_ray_vllm), a request gets a retryable 503
+    instead of hanging, and closing the replica frees the shared memory that the dead processes could not."""
+    from tests.serving import Running, ServerThread, chat, ttt_of
+    from ttserve.serving.local import start_local
+
     bundle = vllm_bundles.retire()  # its processes are about to die: no other test may get this engine
     assert bundle.segments, "vLLM made no shared memory to account for"
+    settings = server_settings.model_copy(
+        update={"engine": EngineConfig(kind="vllm", max_model_len=512, enforce_eager=True, max_loras=2)}
+    )
+    app, replica = loop_thread.run(start_local(settings, engine=bundle.engine))
+    server = ServerThread(app)
     try:
+        on_vllm = Running(server.url, replica, settings, "tiny-test")
+        before = lora_gate_counts(server.url)
+        for budget in (0, 3):
+            body = {"compute_budget": budget, "ttt": {"mode": "always"}}
+            expected = chat(running, SERVER_PROMPT, extra_body=body)
+            answer = chat(on_vllm, SERVER_PROMPT, extra_body=body)
+            assert answer.choices[0].message.content == expected.choices[0].message.content, budget
+            assert ttt_of(answer)["adapter_id"] == ttt_of(expected)["adapter_id"]
+            assert ttt_of(answer)["steps"] == budget
+        if bundle.engine.routes_base_through_zero_adapter:  # vLLM's CPU build: one request down each path
+            after = lora_gate_counts(server.url)  # (the engine served this module's tests before)
+            assert {path: after[path] - before.get(path, 0.0) for path in after} == {
+                "plain": 1.0,
+                "adapted": 1.0,
+            }
+
         bundle.run(bundle.engine.check_health())  # alive: no error
         assert bundle.processes, "the engine started no process of its own"
         for process in bundle.processes:
@@ -669,8 +713,15 @@ def test_a_dead_vllm_engine_process_makes_the_engine_unhealthy(vllm_bundles):
                 break
             assert time.monotonic() < deadline, "vLLM never noticed its engine process died"
             time.sleep(0.5)
+        refused = httpx.post(
+            f"{server.url}/v1/completions",
+            json={"model": "tiny-test", "prompt": "def main(", "max_tokens": 4, "compute_budget": 0},
+            timeout=60,
+        )
+        assert refused.status_code == 503 and refused.headers.get("retry-after"), refused.text
     finally:
-        bundle.run(bundle.engine.close())
+        server.stop()
+        loop_thread.run(replica.close())  # closes the engine, which it owns
     # Its processes were killed, so nothing of vLLM's unlinked its shared memory: the engine did.
     assert not {path for path in bundle.segments if path.exists()}
 

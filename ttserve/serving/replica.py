@@ -29,11 +29,15 @@ if TYPE_CHECKING:
 
 
 class GeneratorReplica:
-    def __init__(self, settings: Settings, retrieve: Retrieve | None):
+    def __init__(self, settings: Settings, retrieve: Retrieve | None, engine: Engine | None = None):
+        """`engine`: one already started on this model with weights of its own (vLLM's), to serve with
+        instead of starting the configured one (tests share one: a start takes half a minute on a CPU).
+        The replica owns it from then on and closes it."""
         self.settings = settings
         self.retrieve = retrieve
         self.model_id = served_model_name(settings)
         self.pipeline: RequestPipeline | None = None  # None while the model loads
+        self._engine = engine
 
     async def start(self) -> GeneratorReplica:
         """Load the model and start the engine; call once from the event loop that will serve requests."""
@@ -47,7 +51,7 @@ class GeneratorReplica:
         training_threads = settings.training.cpu_threads or default_torch_threads()
         set_torch_threads(settings.engine.cpu_threads)  # loading runs here: no team of its own either
         trainer = TestTimeTrainer(load_model(settings.model), settings.training)
-        engine = await start_engine(settings, trainer)
+        engine = self._engine or await start_engine(settings, trainer)
         adapters = settings.adapters
         self.pipeline = RequestPipeline(
             engine=engine,
@@ -110,11 +114,13 @@ class GeneratorReplica:
         await self._ready().engine.check_health()
 
     async def close(self) -> None:
-        pipeline, self.pipeline = self.pipeline, None
+        pipeline, self.pipeline, self._engine = self.pipeline, None, None
         if pipeline is not None:
-            pipeline.close()
-            await pipeline.adapters.close()
-            await pipeline.engine.close()
+            try:
+                pipeline.close()
+                await pipeline.adapters.close()
+            finally:  # whatever failed above, the engine's processes and memory are freed
+                await pipeline.engine.close()
 
 
 async def start_engine(settings: Settings, trainer: TestTimeTrainer) -> Engine:
