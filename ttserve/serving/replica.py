@@ -1,6 +1,6 @@
 """One generator replica, built from settings: the model, the trainer, the engine, the adapter cache, the
 policy and the request pipeline over them. This is the composition root: the only place that chooses the
-real parts (tests give `RequestPipeline` stand-ins instead).
+real parts (tests give `RequestPipeline` stand-ins instead, or hand a replica a vLLM engine they started).
 
 The Ray Serve Generator deployment (app.py) and the in-process server (local.py) both hold one
 `GeneratorReplica` and hand it to the HTTP layer as its backend.
