@@ -142,7 +142,7 @@ class VLLMEngine(Engine):
         try:
             await self.llm.remove_lora(adapter.id)
         except EngineDeadError:
-            pass  # its adapters died with its processes: none is served any more, which is what unloading asks
+            pass  # its adapters died with its processes: none is served any more, as unloading asks
 
     async def engine_lora_ids(self) -> set[int]:
         """What vLLM itself holds (its CPU cache), zero adapter excluded: for leak checks."""

@@ -318,8 +318,8 @@ def serve_on_local_ray(
 def wait_for_interrupt(on_waiting: Callable[[], None]) -> None:
     """Call `on_waiting()`, then block until Ctrl-C or SIGTERM, both of which raise KeyboardInterrupt here:
     `kill` (a service manager, `docker stop`) stops the server as cleanly as Ctrl-C. Call from the main
-    thread after `ray.init`, whose own SIGTERM handler exits with an error; `on_waiting` runs once this one is in
-    place, so whoever it tells that the server is ready may stop it from then on."""
+    thread after `ray.init`, whose own SIGTERM handler exits with an error. `on_waiting` runs once this
+    handler is in place, so whoever it tells that the server is ready may stop it from then on."""
     signal.signal(signal.SIGTERM, _interrupt)
     on_waiting()
     while True:
