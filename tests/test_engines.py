@@ -535,6 +535,31 @@ def test_adapter_cache_trains_a_key_once_and_survives_a_failed_training(
     bundle.run(cache.close())
 
 
+def test_closing_the_cache_deletes_its_directory_even_when_an_unload_fails(
+    transformers_bundle, adapter_dirs, tmp_path, monkeypatch
+):
+    bundle = transformers_bundle
+    cache = AdapterCache(bundle.engine, max_adapters=4, scratch_dir=tmp_path)
+
+    async def train(directory):
+        shutil.copytree(adapter_dirs["A"], directory)
+        return {}
+
+    lease = bundle.run(cache.get_or_train(_key(7), train))
+    bundle.run(lease.release())
+    unload = bundle.engine.remove_adapter
+
+    async def engine_gone(adapter):
+        raise RuntimeError("the engine is gone")
+
+    monkeypatch.setattr(bundle.engine, "remove_adapter", engine_gone)
+    with pytest.raises(RuntimeError, match="the engine is gone"):
+        bundle.run(cache.close())
+    assert not cache.directory.exists()  # the adapters' files are deleted all the same
+    monkeypatch.undo()
+    bundle.run(unload(lease.adapter))  # the module's engine is shared: leave it as it was
+
+
 def test_scratch_space_left_by_a_killed_process_is_swept(tmp_path):
     import subprocess
     import sys
