@@ -16,8 +16,9 @@ trajectory and realised gains) it replays, without training anything:
 - **probe** (with `--fit`): a policy that looks at the prompt itself after a few steps. Skip the prompts
   whose predicted gain is below t1; train the others `--probe-steps`, measure the prompt's own BPB gain so
   far (two forward passes over it, counted as `--probe-cost` steps), and train on to the whole budget only
-  if that gain is at least t2. t1 and t2 are fitted on the `--fit` results (the tuning split) to keep
-  `--keep` of the gain there with the fewest steps, then replayed on each results file.
+  if that gain is at least t2. With `--tiered`, prompts predicted at t_full or more train the whole budget
+  without a probe. The thresholds are fitted on the `--fit` results (the tuning split) to keep `--keep` of
+  the gain there with the fewest steps, then replayed on each results file.
 
 The gap between the policy and the oracle is what a better predictor could win; the gap between the policy
 and "ranking only" is what planning within a prompt wins or loses.
@@ -26,6 +27,8 @@ and "ranking only" is what planning within a prompt wins or loses.
 from __future__ import annotations
 
 import argparse
+import itertools
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -45,9 +48,12 @@ def policy_share(prompts: list[CalibrationPrompt], model: GainModel, budget: int
     return steps / (budget * len(prompts)), gain / full_budget_gain(prompts, budget)
 
 
+def predicted_gains(prompts: list[CalibrationPrompt], model: GainModel, budget: int) -> list[float]:
+    return [float(model.curve(p.variances, budget)[-1]) for p in prompts]
+
+
 def ranking_share(prompts: list[CalibrationPrompt], model: GainModel, budget: int, keep: float) -> float:
-    predicted = [model.curve(p.variances, budget)[-1] for p in prompts]
-    order = np.argsort(predicted)[::-1]
+    order = np.argsort(predicted_gains(prompts, model, budget))[::-1]
     target, kept = keep * full_budget_gain(prompts, budget), 0.0
     for trained, i in enumerate(order, start=1):
         kept += prompts[i].weight * prompts[i].realised_at_budget(budget)
@@ -73,35 +79,51 @@ def oracle_share(prompts: list[CalibrationPrompt], budget: int, keep: float) -> 
 
 def probe_share(
     prompts: list[CalibrationPrompt],
-    model: GainModel,
+    predicted: Sequence[float],
     budget: int,
     probe: int,
     cost: float,
-    t1: float,
-    t2: float,
+    thresholds: tuple[float, float, float],
 ) -> tuple[float, float]:
+    """The probe policy's share of the steps and of the gain. `predicted`: each prompt's predicted gain at
+    the budget; `thresholds`: (t1, t2, t_full), where a prediction of at least t_full trains the whole
+    budget without a probe (infinite: every trained prompt is probed)."""
+    t1, t2, t_full = thresholds
     steps = gain = 0.0
-    for p in prompts:
-        if model.curve(p.variances, budget)[-1] < t1:
+    for p, expected in zip(prompts, predicted, strict=True):
+        if expected < t1:
             continue
-        n = budget if p.realised(probe) >= t2 else probe
-        steps += n + cost
+        if expected >= t_full:
+            n, spent = budget, budget
+        else:
+            n = budget if p.realised(probe) >= t2 else probe
+            spent = n + cost
+        steps += spent
         gain += p.weight * p.realised(n)
     return steps / (budget * len(prompts)), gain / full_budget_gain(prompts, budget)
 
 
 def fit_probe(
-    prompts: list[CalibrationPrompt], model: GainModel, budget: int, probe: int, cost: float, keep: float
-) -> tuple[float, float]:
-    """(t1, t2) on a 0.01 BPB grid: the fewest steps that keep `keep` of the gain on `prompts`."""
+    prompts: list[CalibrationPrompt],
+    predicted: Sequence[float],
+    budget: int,
+    probe: int,
+    cost: float,
+    keep: float,
+    tiered: bool,
+) -> tuple[float, float, float]:
+    """(t1, t2, t_full) on a grid (0.01 BPB; t_full 0.02, or infinite unless `tiered`): the fewest steps
+    that keep `keep` of the gain on `prompts`."""
     grid = np.round(np.arange(0.0, 0.3, 0.01), 2)
-    best = (np.inf, 0.0, 0.0)
-    for t1 in grid:
-        for t2 in grid:
-            steps, kept = probe_share(prompts, model, budget, probe, cost, t1, t2)
-            if kept >= keep and steps < best[0]:
-                best = (steps, t1, t2)
-    return best[1], best[2]
+    full = [*np.round(np.arange(0.0, 0.5, 0.02), 2), np.inf] if tiered else [np.inf]
+    best, chosen = np.inf, (0.0, 0.0, np.inf)
+    for thresholds in itertools.product(grid, grid, full):
+        if thresholds[2] < thresholds[0]:
+            continue
+        steps, kept = probe_share(prompts, predicted, budget, probe, cost, thresholds)
+        if kept >= keep and steps < best:
+            best, chosen = steps, thresholds
+    return chosen
 
 
 def main() -> None:
@@ -115,15 +137,28 @@ def main() -> None:
     parser.add_argument("--fit", nargs="*", default=[], help="results.json files to fit the probe policy on")
     parser.add_argument("--probe-steps", type=int, default=4)
     parser.add_argument("--probe-cost", type=float, default=2 / 3, help="the probe's cost, in training steps")
+    parser.add_argument(
+        "--tiered",
+        action="store_true",
+        help="also fit t_full: prompts predicted above it train fully, unprobed",
+    )
     args = parser.parse_args()
     model = GainModel.load(args.calibration or DEFAULT_CALIBRATION)
     probe = None
     if args.fit:
         tuning = [p for path in args.fit for p in load_report(path).calibration_prompts()]
-        probe = fit_probe(tuning, model, args.budget, args.probe_steps, args.probe_cost, args.keep)
-        print(
-            f"probe after {args.probe_steps} steps, fitted on {len(tuning)} prompts: t1 {probe[0]}, t2 {probe[1]}"
+        probe = fit_probe(
+            tuning,
+            predicted_gains(tuning, model, args.budget),
+            args.budget,
+            args.probe_steps,
+            args.probe_cost,
+            args.keep,
+            args.tiered,
         )
+        t1, t2, t_full = probe
+        print(f"probe after {args.probe_steps} steps, fitted on {len(tuning)} prompts:", end=" ")
+        print(f"t1 {t1:.2f}, t2 {t2:.2f}, t_full {t_full:.2f}")
     header = f"| results | prompts | policy: steps / gain kept | ranking only: steps for {args.keep:.0%} | oracle: steps for {args.keep:.0%} |"
     print(header + (" probe: steps / gain kept |" if probe else ""))
     print("|---|---:|---:|---:|---:|" + ("---:|" if probe else ""))
@@ -134,7 +169,10 @@ def main() -> None:
         oracle = oracle_share(prompts, args.budget, args.keep)
         row = f"| {path} | {len(prompts)} | {steps:.0%} / {kept:.1%} | {ranking:.0%} | {oracle:.0%} |"
         if probe:
-            steps, kept = probe_share(prompts, model, args.budget, args.probe_steps, args.probe_cost, *probe)
+            predicted = predicted_gains(prompts, model, args.budget)
+            steps, kept = probe_share(
+                prompts, predicted, args.budget, args.probe_steps, args.probe_cost, probe
+            )
             row += f" {steps:.0%} / {kept:.1%} |"
         print(row)
 
