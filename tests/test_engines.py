@@ -706,7 +706,11 @@ def test_vllm_behind_the_server_answers_like_transformers_until_its_process_dies
     settings = server_settings.model_copy(
         update={"engine": EngineConfig(kind="vllm", max_model_len=512, enforce_eager=True, max_loras=2)}
     )
-    app, replica = loop_thread.run(start_local(settings, engine=bundle.engine))
+    try:
+        app, replica = loop_thread.run(start_local(settings, engine=bundle.engine))
+    except BaseException:
+        bundle.run(bundle.engine.close())  # nobody else will: it is retired
+        raise
     server = ServerThread(app)
     try:
         on_vllm = Running(server.url, replica, settings, "tiny-test")
