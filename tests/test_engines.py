@@ -10,7 +10,6 @@ import asyncio
 import copy
 import dataclasses
 import os
-import re
 import shutil
 import threading
 import time
@@ -684,9 +683,16 @@ SERVER_PROMPT = "How long do I knead the dough before the bread rises?"
 
 def lora_gate_counts(url: str) -> dict[str, float]:
     """The server's /metrics: requests through vLLM's LoRA gate so far, by path."""
-    text = httpx.get(f"{url}/metrics").text
-    found = re.findall(r'ttserve_generator_lora_gate_requests_total\{path="(\w+)"\} (\S+)', text)
-    return {path: float(value) for path, value in found if path in ("plain", "adapted")}
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
+    return {
+        sample.labels["path"]: sample.value
+        for family in families
+        if family.name == "ttserve_generator_lora_gate_requests"
+        for sample in family.samples
+        if sample.name.endswith("_total") and sample.labels["path"] in ("plain", "adapted")
+    }
 
 
 def test_vllm_behind_the_server_answers_like_transformers_until_its_process_dies(
