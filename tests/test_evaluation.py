@@ -96,6 +96,22 @@ def test_evaluate_never_retrieves_the_document_itself(code_datastore, embedder, 
     assert 0 <= summary["adaptive"]["steps"] <= summary["adaptive"]["full_steps"]
 
 
+def test_each_checkpoint_is_scored_as_a_plan_of_that_many_steps(code_datastore, embedder, make_trainer):
+    retriever = Retriever(Datastore(code_datastore), embedder)
+    # 1 step trains at 4x the rate, 2 steps at 2x, 4 steps at 1x: three runs, not one scored on the way.
+    trainer = make_trainer(learning_rate=1e-3, learning_rate_steps=4)
+    document = Document(id="t3", text=SNIPPETS[3], source="test")
+    report = evaluate([document], retriever, trainer, steps=(1, 2, 4), strategies=("sift",), progress=False)
+    result = report.documents[0]
+    texts = [s.text for s in retriever.datastore.sequences(result.picks["sift"])]
+    for checkpoint in result.runs["sift"]:
+        with trainer.session(planned_steps=checkpoint.budget) as session:
+            session.train(texts, checkpoint.budget)
+            alone = score_text(session.model, trainer.tokenizer, document.text, trainer.max_length)
+        assert checkpoint.loglik == pytest.approx(alone.loglik, rel=1e-6)
+    assert report.config["learning_rate_steps"] == 4
+
+
 def test_a_stored_chunk_used_as_a_test_document_is_excluded(tmp_path, embedder):
     long_text = " ".join(f"def handler_{i}(request):\n    return respond(request, {i})\n" for i in range(60))
     out = tmp_path / "ds"

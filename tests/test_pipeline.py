@@ -192,12 +192,12 @@ class Rig:
 
 @pytest.fixture
 def rig(tmp_path):
-    def build(**limits) -> Rig:
+    def build(training: TrainingConfig | None = None, **limits) -> Rig:
         engine, trainer, retrieval, clock = NamingEngine(), ScriptedTrainer(), FakeRetrieval(), Clock()
         pipeline = RequestPipeline(
             engine=engine,
             trainer=trainer,
-            training=TrainingConfig(),
+            training=training or TrainingConfig(),
             adapters=AdapterCache(engine, max_adapters=2, scratch_dir=tmp_path),
             policy=Policy(PolicyConfig(), gain_model=None),
             retrieve=retrieval,
@@ -209,8 +209,8 @@ def rig(tmp_path):
 
     rigs: list[Rig] = []
 
-    def make(**limits) -> Rig:
-        rigs.append(build(**limits))
+    def make(training: TrainingConfig | None = None, **limits) -> Rig:
+        rigs.append(build(training, **limits))
         return rigs[-1]
 
     yield make
@@ -391,15 +391,28 @@ def test_a_deadline_mid_training_serves_the_adapter_of_the_steps_taken(rig):
         cut.decision == "trained" and cut.steps == 3 and cut.planned_steps == 6 and cut.stopped == "deadline"
     )
     assert "training stopped (deadline) after 3 of 6 steps" in cut.reason and text == r.engine.loads[0]
-    assert cut.adapter_id == AdapterKey.of("fake-model", cut.selected_ids[:3], TrainingConfig(), 3).digest
+    # Keyed as what it is: the first 3 steps, at the rate of the 6-step plan it was started for.
+    six_step_rate = TrainingConfig().for_plan(6)
+    assert cut.adapter_id == AdapterKey.of("fake-model", cut.selected_ids[:3], six_step_rate, 3).digest
     assert cut.uncertainty_after == pytest.approx(r.run(r.retrieval("def parse(path):")).variances[3])
+    # A 3-step plan trains at a larger rate than a 6-step one, so that adapter is not the one it asks for.
+    assert TrainingConfig().learning_rate_for(3) > TrainingConfig().learning_rate_for(6)
+    three, _ = ask(r, compute_budget=3, mode="always")
+    assert three.decision == "trained" and three.adapter_id != cut.adapter_id and three.steps == 3
+    # The full plan is still trained (and cached) under its own key.
+    full, _ = ask(r, compute_budget=6, mode="always")
+    assert full.decision == "trained" and full.steps == 6 and full.adapter_id != cut.adapter_id
+
+
+def test_a_cut_short_adapter_answers_a_shorter_plan_that_trains_at_the_same_rate(rig):
+    r = rig(TrainingConfig(learning_rate_steps=None))  # one rate for every plan length
+    r.trainer.clock = r.clock
+    cut, text = ask(r, compute_budget=6, mode="always", deadline_s=2.5)
+    assert (cut.steps, cut.planned_steps, cut.stopped) == (3, 6, "deadline")
     # A request whose plan is those 3 steps gets that adapter: it is cached as what it is.
     three, text_three = ask(r, compute_budget=3, mode="always")
     assert three.decision == "reused" and three.adapter_id == cut.adapter_id and text_three == text
     assert three.stopped is None and three.steps == three.planned_steps == 3
-    # The full plan is still trained (and cached) under its own key.
-    full, _ = ask(r, compute_budget=6, mode="always")
-    assert full.decision == "trained" and full.steps == 6 and full.adapter_id != cut.adapter_id
 
 
 def test_a_deadline_before_the_first_step_falls_back(rig):

@@ -107,6 +107,27 @@ def test_deadline_and_cancel_are_checked_between_steps(make_trainer):
     assert cancelled.steps == 2 and cancelled.stopped == "cancelled"  # the step in flight completes
 
 
+def test_a_shorter_plan_trains_at_a_proportionally_larger_rate(make_trainer):
+    trainer = make_trainer(learning_rate=1e-3, learning_rate_steps=16, learning_rate_max_scale=4)
+    rates = [trainer.config.learning_rate_for(n) for n in (1, 2, 4, 8, 16, 32)]
+    assert rates == pytest.approx([4e-3, 4e-3, 4e-3, 2e-3, 1e-3, 1e-3])  # capped at 4x below 4 steps
+    four_step_plan = trainer.train(TEXTS * 2, max_steps=4)
+    assert four_step_plan.learning_rate == pytest.approx(4e-3)
+    with trainer.session(planned_steps=4) as session:
+        session.train(TEXTS * 2, 4)
+        four_steps = session.adapter_state()
+    # The rate is the only difference: a trainer set to 4e-3 for every plan trains the same adapter ...
+    constant = make_trainer(learning_rate=4e-3, learning_rate_steps=None)
+    with constant.session(planned_steps=4) as session:
+        session.train(TEXTS * 2, 4)
+        assert adapter_equal(session.adapter_state(), four_steps)
+    # ... and the first 4 steps of a 16-step plan (cut short by a deadline, say) are another adapter.
+    with trainer.session(planned_steps=16) as session:
+        session.train(TEXTS * 2, 4)
+        assert session.run.learning_rate == pytest.approx(1e-3)
+        assert not adapter_equal(session.adapter_state(), four_steps)
+
+
 def test_training_is_deterministic_and_helps_on_the_trained_text(make_trainer):
     first, second = make_trainer(), make_trainer()
     for trainer in (first, second):
@@ -140,7 +161,8 @@ def test_adapter_is_standard_peft(make_trainer, tiny_model_dir, tmp_path):
         AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "adapter"
     ).eval()
     ids = trainer.tokenizer(TEXTS[0], return_tensors="pt")["input_ids"]
-    with trainer.session() as session:  # a new session resets the adapter; the same 3 steps recreate it
+    # A new session resets the adapter; the same 3 steps at a 3-step plan's rate recreate it.
+    with trainer.session(planned_steps=3) as session:
         session.train(TEXTS, 3)
         with torch.no_grad():
             actual = session.model(input_ids=ids).logits

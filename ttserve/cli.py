@@ -362,7 +362,12 @@ def eval_command(
     split: Annotated[
         bool, typer.Option(help="first half retrieves and trains, second half is scored")
     ] = False,
-    learning_rate: Annotated[float | None, typer.Option(help="override training.learning_rate")] = None,
+    learning_rate: Annotated[
+        float | None,
+        typer.Option(
+            help="train every plan length at this rate (training.learning_rate, no per-length scaling)"
+        ),
+    ] = None,
     calibration: Annotated[Path | None, typer.Option(help="gain model for the adaptive policy")] = None,
     seed: Annotated[int, typer.Option(help="seed for --sample-datastore")] = 0,
     config: ConfigOption = None,
@@ -388,7 +393,11 @@ def eval_command(
     settings = _settings(config)
     if learning_rate is not None:
         settings = settings.model_copy(
-            update={"training": settings.training.model_copy(update={"learning_rate": learning_rate})}
+            update={
+                "training": settings.training.model_copy(
+                    update={"learning_rate": learning_rate, "learning_rate_steps": None}
+                )
+            }
         )
     if datastore is None:
         from ttserve.datastore.local_corpus import ensure_datastore

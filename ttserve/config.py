@@ -127,6 +127,13 @@ class TrainingConfig(_Section):
     # the picks within 16 steps; this rate still improves at every step up to 16. The tiny model wants 2e-3
     # (configs/tiny.yaml).
     learning_rate: float = Field(5e-4, gt=0)
+    # The plan length `learning_rate` is tuned for. A shorter plan of n steps trains at learning_rate ·
+    # learning_rate_steps / n (at most `learning_rate_max_scale` times learning_rate): every plan then
+    # takes about the same total step, so 4 or 8 steps keep most of what 16 gain, which is what lets the
+    # policy plan short (BENCHMARKS.md, "Learning rate per plan length"). None: every plan trains at
+    # learning_rate.
+    learning_rate_steps: PositiveInt | None = 16
+    learning_rate_max_scale: float = Field(4.0, ge=1)
     adam_eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
@@ -153,6 +160,19 @@ class TrainingConfig(_Section):
     # "Isolation").
     cpu_niceness: int = Field(10, ge=0, le=19)
     seed: int = 0
+
+    def learning_rate_for(self, planned_steps: int) -> float:
+        """The rate of a run planned for `planned_steps` steps (a run cut short keeps its plan's rate)."""
+        if self.learning_rate_steps is None or planned_steps >= self.learning_rate_steps:
+            return self.learning_rate
+        scale = self.learning_rate_steps / max(planned_steps, 1)
+        return self.learning_rate * min(scale, self.learning_rate_max_scale)
+
+    def for_plan(self, planned_steps: int) -> TrainingConfig:
+        """These settings with the plan's rate resolved: what decides the weights of its adapter."""
+        return self.model_copy(
+            update={"learning_rate": self.learning_rate_for(planned_steps), "learning_rate_steps": None}
+        )
 
 
 class PolicyConfig(_Section):

@@ -173,6 +173,7 @@ class TrainingRun:
     setup_ms: float = 0.0
     losses: list[float] = field(default_factory=list)
     stopped: StopReason = "completed"
+    learning_rate: float = 0.0  # the rate of the plan it was started for (TrainingConfig.learning_rate_for)
 
     @property
     def cut_short(self) -> bool:

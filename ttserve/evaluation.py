@@ -314,6 +314,8 @@ def evaluate(
         "policy": policy.model_dump(mode="json"),
         "gain_model": asdict(gain_model) if gain_model else None,
         "learning_rate": trainer.config.learning_rate,
+        "learning_rate_steps": trainer.config.learning_rate_steps,
+        "learning_rate_max_scale": trainer.config.learning_rate_max_scale,
         "lora_rank": trainer.config.lora_rank,
         "lora_alpha": trainer.config.lora_alpha,
         "target_modules": trainer.config.target_modules,
@@ -329,17 +331,23 @@ def evaluate(
 def _train_and_score(
     trainer: TestTimeTrainer, retrieval, checkpoints: list[int], text: str, max_length: int
 ) -> dict[int, Checkpoint]:
+    """Each checkpoint n scored as an n-step plan would train: one run per learning rate
+    (`TrainingConfig.learning_rate_for`), scored at each of its checkpoints on the way."""
+    runs: dict[float, list[int]] = defaultdict(list)
+    for n in sorted(checkpoints):
+        runs[trainer.config.learning_rate_for(n)].append(n)
     scores = {}
-    with trainer.session() as session:
-        session.train(retrieval.texts, 0)
-        for n in checkpoints:
-            session.resume(n - session.run.steps)
-            picks = min(n, len(retrieval.ids))
-            score: TextScore = score_text(session.model, trainer.tokenizer, text, max_length)
-            reduction = float(retrieval.variances[0] - retrieval.variances[picks])
-            scores[n] = Checkpoint(
-                budget=n, steps=session.run.steps, loglik=score.loglik, reduction=reduction
-            )
+    for ns in runs.values():
+        with trainer.session(planned_steps=ns[-1]) as session:
+            session.train(retrieval.texts, 0)
+            for n in ns:
+                session.resume(n - session.run.steps)
+                picks = min(n, len(retrieval.ids))
+                score: TextScore = score_text(session.model, trainer.tokenizer, text, max_length)
+                reduction = float(retrieval.variances[0] - retrieval.variances[picks])
+                scores[n] = Checkpoint(
+                    budget=n, steps=session.run.steps, loglik=score.loglik, reduction=reduction
+                )
     return scores
 
 

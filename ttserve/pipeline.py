@@ -226,9 +226,10 @@ class RequestPipeline:
             texts = plan.texts[:steps]
 
             def trained_key(run: TrainingRun) -> AdapterKey:
-                # Cut short after k steps, the adapter is exactly the k-step adapter of the texts it drew from.
+                # Cut short after k steps, the adapter is exactly the first k steps of the texts it drew from
+                # at the rate of the plan it was started for.
                 return (
-                    self.planner.adapter_key(picks[: run.sequences], run.steps, salt)
+                    self.planner.adapter_key(picks[: run.sequences], run.steps, salt, planned=steps)
                     if run.cut_short
                     else key
                 )

@@ -70,10 +70,14 @@ class RequestPlanner:
             )
         return requested
 
-    def adapter_key(self, picks: list[int], steps: int, salt: str | None = None) -> AdapterKey:
-        """What decides an adapter's weights (the model, the picks trained on, the settings, the steps),
-        and who may share it (`salt`)."""
-        return AdapterKey.of(self.model, picks, self.training, steps, salt)
+    def adapter_key(
+        self, picks: list[int], steps: int, salt: str | None = None, planned: int | None = None
+    ) -> AdapterKey:
+        """What decides an adapter's weights (the model, the picks trained on, the settings with the rate of
+        the plan it was trained for, the steps), and who may share it (`salt`). `planned`: the steps of the
+        plan a run cut short was started for (None: `steps`)."""
+        training = self.training.for_plan(steps if planned is None else planned)
+        return AdapterKey.of(self.model, picks, training, steps, salt)
 
     def _outcome(self, request: GenerateRequest) -> TTTOutcome:
         return TTTOutcome(

@@ -5,7 +5,8 @@ The protocol:
 - a sequence picked twice gets two steps;
 - a sequence longer than `max_length` tokens becomes consecutive chunks, one step each;
 - AdamW (`training.learning_rate`, eps 1e-8) with gradient clipping at 1.0. LoRA needs a larger step than
-  the paper's full fine-tuning at 5e-5; the default and why are in config.py and BENCHMARKS.md.
+  the paper's full fine-tuning at 5e-5; the default and why are in config.py and BENCHMARKS.md. A run
+  planned for fewer steps takes a proportionally larger step (`TrainingConfig.learning_rate_for`).
 
 Every request starts from the base weights with a FRESH adapter and a FRESH optimizer. The reference
 code (tttlm) carries optimizer state across prompts, which leaks one prompt into the next; here that
@@ -75,18 +76,20 @@ class TestTimeTrainer:
                     yield piece
 
     @contextmanager
-    def session(self) -> Iterator[TrainingSession]:
-        """Exclusive use of the model with a fresh adapter and a fresh optimizer."""
+    def session(self, planned_steps: int | None = None) -> Iterator[TrainingSession]:
+        """Exclusive use of the model with a fresh adapter and a fresh optimizer, at the rate of a run
+        planned for `planned_steps` steps (None: `training.learning_rate`)."""
+        config = self.config
+        rate = config.learning_rate if planned_steps is None else config.learning_rate_for(planned_steps)
         with self._session_lock:
             started = time.perf_counter()
             self.shared.reset_training_adapter()
             optimizer = torch.optim.AdamW(
-                self.trainable_parameters,
-                lr=self.config.learning_rate,
-                eps=self.config.adam_eps,
-                weight_decay=self.config.weight_decay,
+                self.trainable_parameters, lr=rate, eps=config.adam_eps, weight_decay=config.weight_decay
             )
-            yield TrainingSession(self, optimizer, setup_ms=(time.perf_counter() - started) * 1e3)
+            session = TrainingSession(self, optimizer, setup_ms=(time.perf_counter() - started) * 1e3)
+            session.run.learning_rate = rate
+            yield session
 
     def train(
         self,
@@ -96,8 +99,9 @@ class TestTimeTrainer:
         deadline: float | None = None,
         cancel: threading.Event | None = None,
     ) -> TrainingRun:
-        """Train a fresh adapter on `texts` for at most `max_steps` steps; save it to `output_dir` if given."""
-        with self.session() as session:
+        """Train a fresh adapter on `texts` for at most `max_steps` steps, at the rate of a `max_steps`-step
+        plan; save it to `output_dir` if given."""
+        with self.session(planned_steps=max_steps) as session:
             run = session.train(texts, max_steps, deadline=deadline, cancel=cancel)
             if output_dir is not None:
                 session.save(output_dir)
