@@ -38,6 +38,16 @@ def test_precedence(tmp_path, monkeypatch):
     assert (settings.retrieval.lam, settings.retrieval.k) == (0.2, 10)  # explicit beats both, per field
 
 
+def test_null_in_the_environment_unsets_a_field_as_in_yaml(tmp_path, monkeypatch):
+    assert Settings().training.learning_rate_steps == 16
+    monkeypatch.setenv("TTSERVE_TRAINING__LEARNING_RATE_STEPS", "null")
+    assert Settings().training.learning_rate_steps is None
+    path = tmp_path / "c.yaml"
+    path.write_text("training:\n  learning_rate_steps: null\n")
+    monkeypatch.delenv("TTSERVE_TRAINING__LEARNING_RATE_STEPS")
+    assert load_settings(path).training.learning_rate_steps is None
+
+
 @pytest.mark.parametrize(
     "yaml_text",
     [

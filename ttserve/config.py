@@ -266,7 +266,10 @@ class ServerConfig(_Section):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="TTSERVE_", env_nested_delimiter="__", extra="forbid")
+    # env_parse_none_str: TTSERVE_TRAINING__LEARNING_RATE_STEPS=null unsets a field, as `null` does in YAML.
+    model_config = SettingsConfigDict(
+        env_prefix="TTSERVE_", env_nested_delimiter="__", extra="forbid", env_parse_none_str="null"
+    )
 
     embedder: EmbedderConfig = EmbedderConfig()
     datastore: DatastoreConfig = Field(default_factory=DatastoreConfig)  # its path reads the cache dir now
