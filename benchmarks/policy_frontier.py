@@ -22,6 +22,11 @@ trajectory and realised gains) it replays, without training anything:
 
 The gap between the policy and the oracle is what a better predictor could win; the gap between the policy
 and "ranking only" is what planning within a prompt wins or loses.
+
+A plan's realised gain is read off the prompt's checkpoints, linear in between. Under a learning rate per
+plan length (`training.learning_rate_steps`) each checkpoint is its own run, so a plan between two
+checkpoints is an estimate, and the probe's "train on from the probe" assumes one rate for every length
+(the runs it was written for).
 """
 
 from __future__ import annotations
