@@ -57,8 +57,11 @@ def predicted_gains(prompts: list[CalibrationPrompt], model: GainModel, budget: 
     return [float(model.curve(p.variances, budget)[-1]) for p in prompts]
 
 
-def ranking_share(prompts: list[CalibrationPrompt], model: GainModel, budget: int, keep: float) -> float:
-    order = np.argsort(predicted_gains(prompts, model, budget))[::-1]
+def ranking_share(
+    prompts: list[CalibrationPrompt], scores: Sequence[float], budget: int, keep: float
+) -> float:
+    """The share of prompts that training the highest-scored ones for the whole budget needs to keep `keep`."""
+    order = np.argsort(scores)[::-1]
     target, kept = keep * full_budget_gain(prompts, budget), 0.0
     for trained, i in enumerate(order, start=1):
         kept += prompts[i].weight * prompts[i].realised_at_budget(budget)
@@ -170,7 +173,7 @@ def main() -> None:
     for path in args.results:
         prompts = load_report(path).calibration_prompts()
         steps, kept = policy_share(prompts, model, args.budget)
-        ranking = ranking_share(prompts, model, args.budget, args.keep)
+        ranking = ranking_share(prompts, predicted_gains(prompts, model, args.budget), args.budget, args.keep)
         oracle = oracle_share(prompts, args.budget, args.keep)
         row = f"| {path} | {len(prompts)} | {steps:.0%} / {kept:.1%} | {ranking:.0%} | {oracle:.0%} |"
         if probe:
