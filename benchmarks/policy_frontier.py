@@ -37,20 +37,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ttserve.config import PolicyConfig
 from ttserve.evaluation import load_report
-from ttserve.policy import DEFAULT_CALIBRATION, CalibrationPrompt, GainModel, full_budget_gain, plan
-from ttserve.selection import Selection
-
-
-def policy_share(prompts: list[CalibrationPrompt], model: GainModel, budget: int) -> tuple[float, float]:
-    steps = gain = 0.0
-    for p in prompts:
-        selection = Selection(np.arange(len(p.variances) - 1), p.variances, 1.0, "sift")
-        n = plan(selection, budget, PolicyConfig(), model).steps
-        steps += n
-        gain += p.weight * p.realised(n)
-    return steps / (budget * len(prompts)), gain / full_budget_gain(prompts, budget)
+from ttserve.policy import DEFAULT_CALIBRATION, CalibrationPrompt, GainModel, full_budget_gain, replay
 
 
 def predicted_gains(prompts: list[CalibrationPrompt], model: GainModel, budget: int) -> list[float]:
@@ -172,10 +160,10 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|" + ("---:|" if probe else ""))
     for path in args.results:
         prompts = load_report(path).calibration_prompts()
-        steps, kept = policy_share(prompts, model, args.budget)
+        policy = replay(model, prompts, args.budget)
         ranking = ranking_share(prompts, predicted_gains(prompts, model, args.budget), args.budget, args.keep)
         oracle = oracle_share(prompts, args.budget, args.keep)
-        row = f"| {path} | {len(prompts)} | {steps:.0%} / {kept:.1%} | {ranking:.0%} | {oracle:.0%} |"
+        row = f"| {path} | {len(prompts)} | {policy.steps_share:.0%} / {policy.gain_share:.1%} | {ranking:.0%} | {oracle:.0%} |"
         if probe:
             predicted = predicted_gains(prompts, model, args.budget)
             steps, kept = probe_share(

@@ -18,6 +18,7 @@ from ttserve.evaluation import (
     DocumentResult,
     EvalReport,
     _digest,
+    cross_validate_policy,
     evaluate,
     exact_copies,
     fit_gain_model,
@@ -25,7 +26,7 @@ from ttserve.evaluation import (
     sample_documents,
     split_halves,
 )
-from ttserve.policy import GainModel
+from ttserve.policy import GainModel, replay
 from ttserve.retrieval import CALIBRATED_LAMBDA, Retriever
 from ttserve.scoring import score_text
 
@@ -246,6 +247,66 @@ def test_fit_gain_model_pools_reports_and_keeps_the_asked_share():
     assert both.slope == pytest.approx(model.slope) and both.min_gain_bpb == pytest.approx(model.min_gain_bpb)
     with pytest.raises(ValueError, match="no evaluation reports"):
         fit_gain_model([], keep=0.95)
+
+
+def report_with_trajectories(documents: int, gain_follows_uncertainty: bool, seed: int = 0) -> EvalReport:
+    """SIFT runs at 4/8/16 steps whose σ² falls by a random amount per document; the realised gain is a
+    power of that reduction, or (otherwise) drawn independently of it."""
+    rng = np.random.default_rng(seed)
+    results = []
+    for i in range(documents):
+        variances = 1.0 - np.sqrt(np.arange(17) / 16) * rng.uniform(0.05, 0.9)
+        checkpoints = []
+        for n in (4, 8, 16):
+            reduction = float(variances[0] - variances[n])
+            gain_bpb = 0.5 * reduction**1.2 if gain_follows_uncertainty else rng.exponential(0.1) * n / 16
+            loglik = -300.0 + gain_bpb * 100 * math.log(2)  # 100 bytes
+            checkpoints.append(Checkpoint(budget=n, steps=n, loglik=loglik, reduction=reduction))
+        results.append(
+            DocumentResult(
+                id=f"d{i}", bytes=100, tokens=40, excluded=0, base_loglik=-300.0,
+                runs={"sift": checkpoints}, variances={"sift": list(variances)},
+            )
+        )  # fmt: skip
+    config = {"steps": [4, 8, 16], "strategies": ["sift"], "model": "m", "datastore": "d"}
+    return EvalReport(config=config, documents=results)
+
+
+def test_cross_validation_sees_the_fit_keep_less_on_unseen_prompts_when_the_predictor_is_noise():
+    keep = 0.9
+    noise = report_with_trajectories(40, gain_follows_uncertainty=False)
+    fitted = fit_gain_model([noise], keep)
+    in_sample = replay(fitted, noise.calibration_prompts(), 16)
+    assert in_sample.gain_share >= keep  # what the fit guarantees on its own prompts
+    unseen = cross_validate_policy([noise], keep, folds=5, repeats=5)
+    assert unseen.gain_share < keep - 0.02  # a fit that saw the held-out fold would keep `keep`
+    assert unseen.full_steps == 5 * 40 * 16  # every document held out once per repeat
+    assert cross_validate_policy([noise], keep, folds=5, repeats=5) == unseen  # seeded
+
+    # Where the uncertainty predicts the gain, the fit carries over: unseen prompts keep about as much.
+    signal = report_with_trajectories(40, gain_follows_uncertainty=True)
+    in_sample = replay(fit_gain_model([signal], keep), signal.calibration_prompts(), 16)
+    unseen = cross_validate_policy([signal], keep, folds=5, repeats=5)
+    assert unseen.gain_share >= keep - 0.02 and abs(unseen.steps_share - in_sample.steps_share) < 0.1
+
+
+def test_cross_validation_needs_trajectories_and_enough_documents():
+    with pytest.raises(ValueError, match="trajectories"):
+        cross_validate_policy([synthetic_report()], 0.9)
+    with pytest.raises(ValueError, match="folds"):
+        cross_validate_policy([report_with_trajectories(4, True)], 0.9, folds=5)
+
+
+def test_calibrate_records_the_cross_validated_estimate(tmp_path):
+    report_with_trajectories(30, gain_follows_uncertainty=True).write(tmp_path / "run")
+    command = ["calibrate", str(tmp_path / "run" / "results.json"), "--out", str(tmp_path / "gain.json")]
+    result = CliRunner().invoke(app, [*command, "--repeats", "2"])
+    assert result.exit_code == 0, result.output
+    assert "on unseen ones (5-fold cross-validation, 2 repeats)" in result.output
+    model = GainModel.load(tmp_path / "gain.json")
+    assert 0 < model.cross_validated_gain_share <= 1.05 and 0 < model.cross_validated_steps_share <= 1
+    result = CliRunner().invoke(app, [*command, "--folds", "0"])
+    assert result.exit_code == 0 and GainModel.load(tmp_path / "gain.json").cross_validated_gain_share is None
 
 
 def test_eval_command(code_datastore, tiny_model_dir, tmp_path):

@@ -438,21 +438,49 @@ def calibrate(
     keep: Annotated[
         float, typer.Option(help="share of the realised gain the fitted policy must keep")
     ] = 0.95,
+    folds: Annotated[
+        int,
+        typer.Option(
+            help="estimate what the policy keeps on unseen prompts by k-fold cross-validation (0: do not)"
+        ),
+    ] = 5,
+    repeats: Annotated[int, typer.Option(min=1, help="cross-validation repeats, each a new split")] = 20,
 ) -> None:
     """Fit the gain model (predicted BPB gain from SIFT's uncertainty reduction and steps) and the policy's
     skip threshold and gain fraction to evaluation runs."""
-    from ttserve.evaluation import fit_gain_model, load_report
+    from dataclasses import replace
+
+    from ttserve.evaluation import cross_validate_policy, fit_gain_model, load_report
+    from ttserve.policy import replay
 
     try:
-        model = fit_gain_model([load_report(path) for path in results], keep=keep)
+        reports = [load_report(path) for path in results]
+        model = fit_gain_model(reports, keep=keep)
+        estimate = (
+            cross_validate_policy(reports, keep, folds, repeats) if folds and model.gain_fraction else None
+        )
     except (FileNotFoundError, ValueError, KeyError) as error:
         raise _fail(str(error)) from None
+    if estimate is not None:
+        model = replace(
+            model,
+            cross_validated_gain_share=round(estimate.gain_share, 4),
+            cross_validated_steps_share=round(estimate.steps_share, 4),
+        )
     model.save(out)
     typer.echo(
         f"gain = {model.slope:.4g} * reduction^{model.power:.3f} * steps^{model.steps_power:.3f}"
         f"  (r2 in log space {model.r2:.3f}, {model.points} points); skip below {model.min_gain_bpb} bpb"
         f" predicted, else the fewest steps reaching {model.gain_fraction} of the gain -> {out}"
     )
+    if estimate is not None:
+        budget = max(max(r.config["steps"]) for r in reports)
+        fitted = replay(model, [p for r in reports for p in r.calibration_prompts()], budget)
+        typer.echo(
+            f"on the calibration prompts it keeps {fitted.gain_share:.1%} of the gain for"
+            f" {fitted.steps_share:.1%} of the steps; on unseen ones ({folds}-fold cross-validation,"
+            f" {repeats} repeats) {estimate.gain_share:.1%} for {estimate.steps_share:.1%}"
+        )
 
 
 def _gain_model(settings, override: Path | None):

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from ttserve.config import PolicyConfig
 from ttserve.contract import STRATEGIES, Strategy
 from ttserve.datastore import Datastore, Document
-from ttserve.policy import CalibrationPrompt, GainModel, fit_policy, plan
+from ttserve.policy import CalibrationPrompt, GainModel, Replay, fit_policy, plan, replay
 from ttserve.retrieval import Retriever
 from ttserve.scoring import TextScore, bits_per_byte, score_text
 from ttserve.training import TestTimeTrainer
@@ -388,6 +388,48 @@ def fit_gain_model(reports: Sequence[EvalReport], keep: float) -> GainModel:
         return fit_policy(model, prompts, budget=max(max(r.config["steps"]) for r in reports), keep=keep)
     rows = [report.prompt_points() for report in reports]
     return model.with_threshold(*(np.concatenate([p[i] for p in rows]) for i in range(3)), keep=keep)
+
+
+def cross_validate_policy(
+    reports: Sequence[EvalReport], keep: float, folds: int = 5, repeats: int = 20, seed: int = 0
+) -> Replay:
+    """What the policy `fit_gain_model` fits would spend and keep on prompts it was not fitted on.
+
+    The fit picks the cheapest policy that keeps `keep` of the gain *on its own prompts*, so it is
+    optimistic there: on held-out documents it keeps less (BENCHMARKS.md, "Learning rate per plan
+    length"). Repeated k-fold cross-validation over the reports' documents estimates by how much before
+    anyone evaluates on held-out data: each fold is planned by a gain model and policy fitted on the
+    other folds alone, and the shares are pooled over every fold and repeat.
+    """
+    documents = [(i, d) for i, report in enumerate(reports) for d in report.documents]
+    if any(not d.variances.get("sift") for _, d in documents):
+        raise ValueError(
+            "cross-validation needs SIFT trajectories in every document (runs with --strategies sift)"
+        )
+    if not 2 <= folds <= len(documents):
+        raise ValueError(f"need 2 to {len(documents)} folds for {len(documents)} documents, got {folds}")
+    budget = max(max(r.config["steps"]) for r in reports)
+    rng = np.random.default_rng(seed)
+    total = Replay(0.0, 0.0, 0.0, 0.0)
+    for _ in range(repeats):
+        for fold in np.array_split(rng.permutation(len(documents)), folds):
+            held_out = set(fold.tolist())
+            fitted_on = [
+                EvalReport(
+                    report.config, [d for j, (i, d) in enumerate(documents) if i == r and j not in held_out]
+                )
+                for r, report in enumerate(reports)
+            ]
+            model = fit_gain_model([r for r in fitted_on if r.documents], keep)
+            prompts = [
+                prompt
+                for j in fold
+                for prompt in EvalReport(
+                    reports[documents[j][0]].config, [documents[j][1]]
+                ).calibration_prompts()
+            ]
+            total = total + replay(model, prompts, budget)
+    return total
 
 
 def exact_copies(datastore: Datastore) -> dict[str, set[int]]:

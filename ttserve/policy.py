@@ -52,6 +52,10 @@ class GainModel:
     corpus: str = ""
     points: int = 0
     r2: float = float("nan")
+    # The fitted policy's shares of the gain and of the steps on prompts it was not fitted on, estimated by
+    # cross-validation over the calibration prompts (`ttserve calibrate --folds`); None: not estimated.
+    cross_validated_gain_share: float | None = None
+    cross_validated_steps_share: float | None = None
 
     def predict(self, reduction: float | np.ndarray, steps: float | np.ndarray = 1) -> float | np.ndarray:
         gain = self.slope * np.power(np.maximum(reduction, 0.0), self.power)
@@ -183,6 +187,44 @@ def fit_policy(
     if best is None:  # nothing keeps enough (no gain at all): train everything for the budget
         return replace(model, min_gain_bpb=0.0, gain_fraction=1.0)
     return replace(model, min_gain_bpb=best[2], gain_fraction=best[3])
+
+
+@dataclass(frozen=True)
+class Replay:
+    """What a policy spent and kept on recorded prompts (`replay`); replays of disjoint prompts add up."""
+
+    steps: float  # steps planned
+    full_steps: float  # steps of training every prompt for the whole budget
+    gain: float  # realised gain of the plans, bytes-weighted
+    full_gain: float  # realised gain of training every prompt for the whole budget
+
+    @property
+    def steps_share(self) -> float:
+        return self.steps / self.full_steps if self.full_steps else float("nan")
+
+    @property
+    def gain_share(self) -> float:
+        return self.gain / self.full_gain if self.full_gain else float("nan")
+
+    def __add__(self, other: Replay) -> Replay:
+        return Replay(
+            self.steps + other.steps,
+            self.full_steps + other.full_steps,
+            self.gain + other.gain,
+            self.full_gain + other.full_gain,
+        )
+
+
+def replay(model: GainModel, prompts: Sequence[CalibrationPrompt], budget: int) -> Replay:
+    """Plan every recorded prompt as a request with `budget` would be (`plan`, default config), and read
+    the realised gain of each plan off the prompt's checkpoints."""
+    steps = gain = 0.0
+    for p in prompts:
+        selection = Selection(np.arange(len(p.variances) - 1), p.variances, 1.0, "sift")
+        n = plan(selection, budget, PolicyConfig(), model).steps
+        steps += n
+        gain += p.weight * p.realised(n)
+    return Replay(steps, budget * len(prompts), gain, full_budget_gain(prompts, budget))
 
 
 def _fewest_steps(curve: np.ndarray, fraction: float) -> int:
