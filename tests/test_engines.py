@@ -184,6 +184,44 @@ def test_greedy_base_output_equals_transformers_generate(bundle, reference):
         assert result.usage.completion_tokens == len(result.token_ids)
 
 
+def penalized_greedy(model, prompt_ids: list[int], max_new_tokens: int, presence: float, frequency: float):
+    """Greedy decoding with OpenAI's penalties written out on a plain forward pass: a generated token's
+    logit drops by `presence` once and by `frequency` per occurrence (the prompt's tokens do not count)."""
+    ids, generated = list(prompt_ids), []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            logits = model(torch.tensor([ids])).logits[0, -1].float()
+            for token in set(generated):
+                logits[token] -= presence + frequency * generated.count(token)
+            token = int(torch.argmax(logits))
+            if token == model.config.eos_token_id:
+                break
+            ids.append(token)
+            generated.append(token)
+    return generated
+
+
+def test_penalties_follow_openai_s_definition_and_curb_repetition(bundle, reference):
+    model, _ = reference
+    penalized = SamplingParams(
+        max_tokens=GREEDY.max_tokens, temperature=0, presence_penalty=0.5, frequency_penalty=1.0
+    )
+    changed = 0
+    for prompt in PROMPTS:
+        ids = bundle.ids(prompt)
+        result = bundle.generate(ids, penalized)
+        assert result.token_ids == penalized_greedy(model, ids, GREEDY.max_tokens, 0.5, 1.0), prompt
+        plain = bundle.generate(ids).token_ids
+        changed += result.token_ids != plain
+        assert len(set(result.token_ids)) >= len(set(plain))  # fewer repeats, not more
+    assert changed  # the penalties matter: ignoring them would pass the equality only if nothing repeats
+    negative = SamplingParams(max_tokens=GREEDY.max_tokens, temperature=0, frequency_penalty=-1.0)
+    ids = bundle.ids(PROMPTS[0])
+    assert bundle.generate(ids, negative).token_ids == penalized_greedy(
+        model, ids, GREEDY.max_tokens, 0, -1.0
+    )
+
+
 def test_adapter_changes_output_exactly_as_the_merged_peft_model(bundle, reference, adapter_dirs):
     from peft import PeftModel
 

@@ -190,6 +190,14 @@ def test_sampling_below_float_precision_is_what_it_means():
     assert (sampling.temperature, sampling.top_p, sampling.seed) == (1e-5, 0.5, -1)
 
 
+def test_penalties_reach_the_engine_parameters():
+    for model, body in ((CompletionRequest, COMPLETION), (ChatCompletionRequest, CHAT)):
+        request = model.model_validate(body | {"presence_penalty": 0.5, "frequency_penalty": -2})
+        sampling = request.to_generate_request().sampling
+        assert (sampling.presence_penalty, sampling.frequency_penalty) == (0.5, -2.0)
+        assert model.model_validate(body).to_generate_request().sampling.frequency_penalty == 0.0
+
+
 def test_completion_request_prompt_shapes():
     assert CompletionRequest.model_validate(COMPLETION).prompt == "Faiss builds"
     assert (
@@ -229,14 +237,16 @@ CHAT_REFUSALS = [
     ({"top_p": 0}, "top_p"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"stop": 5}, "stop"),
-    ({"presence_penalty": 0.5}, "presence_penalty"),
-    ({"frequency_penalty": -1}, "frequency_penalty"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),  # OpenAI's range is [-2, 2]
+    ({"frequency_penalty": -2.01}, "frequency_penalty"),
     ({"max_tokens": 0}, "max_tokens"),
     ({"top_logprobs": 3}, "top_logprobs"),  # without logprobs: true
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),  # without stream: true
     ({"stream": "yes"}, "stream"),
     ({"ttt": {"lamda": 0.5}}, "ttt.lamda"),
+    ({"compute_bugdet": None}, "compute_bugdet"),  # null means the default only for the request's own fields
+    ({"ttt": {"lamda": None}}, "ttt.lamda"),
     ({"ttt": {"lambda": 0}}, "ttt.lambda"),
     ({"ttt": {"strategy": "random"}}, "ttt.strategy"),
     ({"ttt": {"mode": "sometimes"}}, "ttt.mode"),
@@ -287,7 +297,7 @@ def test_refusal_messages_are_readable():
         ({"prompt": [1, -2]}, "prompt"),
         ({"best_of": 2}, "best_of"),
         ({"suffix": "tail"}, "suffix"),
-        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"presence_penalty": 3}, "presence_penalty"),
         ({"n": 3}, "n"),
         ({"logprobs": 6}, "logprobs"),
         ({"logprobs": True}, "logprobs"),
@@ -578,3 +588,21 @@ def test_a_vanishing_temperature_or_top_p_means_greedy_for_every_caller():
     assert SamplingParams(temperature=1e-300).temperature == 0.0
     assert SamplingParams(temperature=1e-5).temperature == 1e-5
     assert SamplingParams(top_p=5e-324).top_p == 1e-9 and SamplingParams(top_p=0.5).top_p == 0.5
+
+
+def test_sampling_params_refuse_penalties_outside_openai_s_range():
+    from ttserve.contract import SamplingParams
+
+    assert SamplingParams(presence_penalty=-2, frequency_penalty=2).frequency_penalty == 2
+    for field in ("presence_penalty", "frequency_penalty"):
+        with pytest.raises(ValueError, match=field):
+            SamplingParams(**{field: 2.5})
+
+
+def test_the_schema_lets_every_optional_field_be_null_as_the_server_does():
+    for model in (ChatCompletionRequest, CompletionRequest):
+        schema = model.model_json_schema()
+        for name, field in schema["properties"].items():
+            nullable = any(v.get("type") == "null" for v in field.get("anyOf", [field]))
+            assert nullable == (name not in schema["required"]), (model.__name__, name)
+    assert ChatCompletionRequest.model_validate(CHAT | {"logprobs": None, "n": None}).n == 1

@@ -174,7 +174,7 @@ BAD_REQUESTS = [
     ("over the context", "/v1/completions", {"model": "tiny-test", "prompt": "x " * 3000}, 400, "prompt"),
     ("max_tokens past the context", "/v1/completions", {"model": "tiny-test", "prompt": "x", "max_tokens": 10**6}, 400, "prompt"),
     ("n > 1", "/v1/chat/completions", {"model": "tiny-test", "messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "n"),
-    ("penalties", "/v1/completions", {"model": "tiny-test", "prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ("penalty out of range", "/v1/completions", {"model": "tiny-test", "prompt": "x", "presence_penalty": 2.5}, 400, "presence_penalty"),
     ("bad ttt knob", "/v1/completions", {"model": "tiny-test", "prompt": "x", "ttt": {"strategy": "random"}}, 400, "ttt.strategy"),
     ("token out of vocabulary", "/v1/completions", {"model": "tiny-test", "prompt": [1, 10**7]}, 400, "prompt"),
     ("temperature", "/v1/completions", {"model": "tiny-test", "prompt": "x", "temperature": 5}, 400, "temperature"),

@@ -79,6 +79,11 @@ class SamplingParams:
     seed: int | None = None  # same seed, same request: same output
     logprobs: int | None = None  # None: none; k >= 0: the sampled token's logprob and the top k
     ignore_eos: bool = False
+    # OpenAI's penalties, as vLLM applies them: before sampling (greedy too), a token's logit is lowered by
+    # presence_penalty once it has been generated and by frequency_penalty for each time it has been;
+    # the prompt's tokens do not count, and logprobs stay the model's own.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_tokens < 0:
@@ -87,6 +92,9 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         # Below these, sampling is greedy in all but name, and an engine's arithmetic (logits / temperature,
         # top_p compared in float32) would turn 1e-300 into inf or 0: vLLM's rule, a temperature under 1e-5
         # is greedy; a top_p under 1e-9 keeps only the most likely token, as 1e-9 does for any vocabulary

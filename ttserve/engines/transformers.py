@@ -145,10 +145,17 @@ class TransformersEngine(Engine):
         text = ""
         past = None
         next_input = prompt_ids
+        penalized = bool(params.presence_penalty or params.frequency_penalty)
+        counts = None  # how often each token was generated (penalties only)
         while finish is None and not cancel.is_set():
             logits, past = self._forward(next_input, adapter, past)
             logits = logits[-1]
-            token = sample(logits, params, generator)
+            if penalized:
+                counts = torch.zeros_like(logits, dtype=torch.float32) if counts is None else counts
+                token = sample(penalize(logits, counts, params), params, generator)
+                counts[token] += 1
+            else:
+                token = sample(logits, params, generator)
             generated.append(token)
             next_input = [token]
             if params.logprobs is not None:
@@ -186,6 +193,12 @@ class TransformersEngine(Engine):
 
     async def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def penalize(logits: torch.Tensor, counts: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties (SamplingParams), given how often each token was generated."""
+    penalty = params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
+    return logits.float() - penalty
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:

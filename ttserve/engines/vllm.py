@@ -184,6 +184,8 @@ class VLLMEngine(Engine):
             seed=params.seed,
             logprobs=params.logprobs,
             ignore_eos=params.ignore_eos,
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
             skip_special_tokens=True,
             **extra,
         )

@@ -6,7 +6,7 @@ carries a `ttt` object (`TTTInfo`) saying what test-time training did; OpenAI cl
 attribute (`completion.ttt` / `completion.model_extra["ttt"]`).
 
 Requests are strict: unknown fields are errors (a misspelt `compute_bugdet` must not be silently ignored),
-and so are parameters we cannot honour (n > 1, penalties, batched prompts) — a request is served as asked
+and so are parameters we cannot honour (n > 1, batched prompts) — a request is served as asked
 or refused with a 400 that names the parameter, never served differently than asked.
 
 Responses serialize with plain `model_dump()` / `model_dump_json()` to the JSON OpenAI sends: explicit
@@ -237,15 +237,30 @@ Float = Annotated[float, Field(allow_inf_nan=False), BeforeValidator(_number)]
 # ------------------------------------------------------------------------------------------ requests
 
 
+def _optional_fields_take_null(schema: dict[str, Any]) -> None:
+    """The JSON schema says what `_null_means_default` accepts: null for every field that has a default."""
+    required = set(schema.get("required", ()))
+    for name, field in schema.get("properties", {}).items():
+        variants = field.get("anyOf", [field])
+        if name in required or any(v.get("type") == "null" for v in variants):
+            continue
+        annotations = {k: field.pop(k) for k in ("default", "title", "description") if k in field}
+        schema["properties"][name] = {"anyOf": [field, {"type": "null"}], **annotations}
+
+
 class _RequestModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(
+        extra="forbid", populate_by_name=True, json_schema_extra=_optional_fields_take_null
+    )
 
     @model_validator(mode="before")
     @classmethod
     def _null_means_default(cls, data: Any) -> Any:
-        # OpenAI treats an explicit null as "use the default", and some clients send `"stop": null`.
+        # OpenAI treats an explicit null as "use the default", and some clients send `"stop": null`. Only
+        # for the request's own fields: an unknown one is refused, null or not.
         if isinstance(data, dict):
-            return {k: v for k, v in data.items() if v is not None}
+            known = {name for name, f in cls.model_fields.items() for name in (name, f.alias) if name}
+            return {k: v for k, v in data.items() if v is not None or k not in known}
         return data
 
 
@@ -290,8 +305,8 @@ class _SamplingRequest(_RequestModel):
     stream_options: StreamOptions | None = None
     stop: Annotated[str | list[str] | None, BeforeValidator(_check_stop)] = None
     seed: Int | None = Field(None, ge=-(2**63), le=2**63 - 1)  # OpenAI's: a 64-bit integer
-    presence_penalty: Float = 0.0
-    frequency_penalty: Float = 0.0
+    presence_penalty: Float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: Float = Field(0.0, ge=-2, le=2)
     user: str | None = None  # accepted for compatibility, ignored
     # Test-time training steps; None means the server default. The server enforces its own maximum.
     compute_budget: Int | None = Field(None, ge=0)
@@ -307,13 +322,6 @@ class _SamplingRequest(_RequestModel):
         if n != 1:
             raise ValueError("only n=1 is supported")
         return n
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalties(cls, value: float) -> float:
-        if value != 0:
-            raise ValueError("penalties are not supported; only 0 is accepted")
-        return value
 
     @field_validator("stream_options")
     @classmethod
@@ -347,6 +355,8 @@ class _SamplingRequest(_RequestModel):
                 stop=tuple(self.normalized_stop()),
                 seed=self.seed,
                 logprobs=logprobs,
+                presence_penalty=self.presence_penalty,
+                frequency_penalty=self.frequency_penalty,
             ),
             compute_budget=self.compute_budget,
             request_id=uuid.uuid4().hex,
