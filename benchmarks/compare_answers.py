@@ -4,8 +4,9 @@
     .venv/bin/python benchmarks/compare_answers.py --budget 16 > answers.jsonl
 
 Each question is asked twice, greedy and at most `--max-tokens` tokens: with compute budget 0 (the base
-model) and with `--budget` under the server's policy. One JSON line per answer: the question, the budget,
-seconds, the ttt decision, steps and reason, and the answer.
+model) and with `--budget` under the server's policy (`--frequency-penalty` / `--presence-penalty` for
+both). One JSON line per answer: the question, the budget, seconds, the ttt decision, steps and reason,
+and the answer.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=120)
     parser.add_argument("--question", action="append", help="ask this instead (repeatable)")
+    parser.add_argument("--frequency-penalty", type=float, default=0.0)
+    parser.add_argument("--presence-penalty", type=float, default=0.0)
     args = parser.parse_args()
     client = OpenAI(base_url=args.url, api_key="unused", timeout=600, max_retries=0)
     for question in args.question or QUESTIONS:
@@ -47,6 +50,8 @@ def main() -> None:
                 messages=[{"role": "user", "content": question}],
                 max_tokens=args.max_tokens,
                 temperature=0,
+                frequency_penalty=args.frequency_penalty,
+                presence_penalty=args.presence_penalty,
                 extra_body={"compute_budget": budget},
             )
             ttt = response.model_extra["ttt"]
