@@ -409,26 +409,20 @@ def cross_validate_policy(
     if not 2 <= folds <= len(documents):
         raise ValueError(f"need 2 to {len(documents)} folds for {len(documents)} documents, got {folds}")
     budget = max(max(r.config["steps"]) for r in reports)
+    prompts = [EvalReport(reports[i].config, [d]).calibration_prompts()[0] for i, d in documents]
     rng = np.random.default_rng(seed)
     total = Replay(0.0, 0.0, 0.0, 0.0)
     for _ in range(repeats):
         for fold in np.array_split(rng.permutation(len(documents)), folds):
             held_out = set(fold.tolist())
-            fitted_on = [
+            fitted_on = [  # each report keeps its config (its datastore and step counts) for the fit
                 EvalReport(
                     report.config, [d for j, (i, d) in enumerate(documents) if i == r and j not in held_out]
                 )
                 for r, report in enumerate(reports)
             ]
             model = fit_gain_model([r for r in fitted_on if r.documents], keep)
-            prompts = [
-                prompt
-                for j in fold
-                for prompt in EvalReport(
-                    reports[documents[j][0]].config, [documents[j][1]]
-                ).calibration_prompts()
-            ]
-            total = total + replay(model, prompts, budget)
+            total = total + replay(model, [prompts[j] for j in fold], budget)
     return total
 
 

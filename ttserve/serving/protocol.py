@@ -259,7 +259,7 @@ class _RequestModel(BaseModel):
         # OpenAI treats an explicit null as "use the default", and some clients send `"stop": null`. Only
         # for the request's own fields: an unknown one is refused, null or not.
         if isinstance(data, dict):
-            known = {name for name, f in cls.model_fields.items() for name in (name, f.alias) if name}
+            known = {key for name, f in cls.model_fields.items() for key in (name, f.alias) if key}
             return {k: v for k, v in data.items() if v is not None or k not in known}
         return data
 
