@@ -196,6 +196,26 @@ def test_bad_input_is_a_clear_openai_error(running, case, path, body, status, pa
         assert error["param"] == param
 
 
+def test_penalties_reach_the_model_through_the_official_client(running):
+    client = running.client()
+
+    def complete(budget: int, **penalties) -> tuple[str, str]:
+        response = client.completions.create(
+            model=running.model, prompt=CODE_PROMPT, max_tokens=24, temperature=0, **penalties,
+            extra_body={"compute_budget": budget, "ttt": {"mode": "always"}},
+        )  # fmt: skip
+        return response.choices[0].text, ttt_of(response)["decision"]
+
+    for budget in (0, 2):  # the base model, then an adapter (trained, then reused with the penalty)
+        plain, _ = complete(budget)
+        penalized, decision = complete(budget, frequency_penalty=2.0, presence_penalty=0.5)
+        assert penalized != plain and decision == ("skipped" if budget == 0 else "reused")
+        assert len(set(penalized.split())) / len(penalized.split()) > len(set(plain.split())) / len(
+            plain.split()
+        )
+        assert complete(budget) == (plain, "skipped" if budget == 0 else "reused")  # nothing carried over
+
+
 def test_the_server_serves_correctly_after_bad_input(running):
     before = chat(running, extra_body={"compute_budget": 0}).choices[0].message.content
     for _, path, body, _, _ in BAD_REQUESTS:
@@ -599,6 +619,7 @@ def test_under_concurrent_mixed_load_every_answer_equals_the_same_request_alone(
             {"prompt": prompt, "compute_budget": 2, "cache_salt": f"load-{i}"},
             {"prompt": prompt, "compute_budget": 2, "cache_salt": f"load-{i}"},  # a repeat: trains once
             {"prompt": prompt, "compute_budget": 3, "cache_salt": f"other-{i}"},
+            {"prompt": prompt, "compute_budget": 2, "cache_salt": f"load-{i}", "frequency_penalty": 1.5},
         ]
     client = running.client()
 
