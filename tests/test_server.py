@@ -199,21 +199,19 @@ def test_bad_input_is_a_clear_openai_error(running, case, path, body, status, pa
 def test_penalties_reach_the_model_through_the_official_client(running):
     client = running.client()
 
-    def complete(budget: int, **penalties) -> tuple[str, str]:
+    def complete(budget: int, **penalties) -> tuple[list[str], str]:
         response = client.completions.create(
-            model=running.model, prompt=CODE_PROMPT, max_tokens=24, temperature=0, **penalties,
+            model=running.model, prompt=CODE_PROMPT, max_tokens=24, temperature=0, logprobs=0, **penalties,
             extra_body={"compute_budget": budget, "ttt": {"mode": "always"}},
         )  # fmt: skip
-        return response.choices[0].text, ttt_of(response)["decision"]
+        return response.choices[0].logprobs.tokens, ttt_of(response)["decision"]
 
     for budget in (0, 2):  # the base model, then an adapter (trained, then reused with the penalty)
         plain, _ = complete(budget)
         penalized, decision = complete(budget, frequency_penalty=2.0, presence_penalty=0.5)
-        assert penalized != plain and decision == ("skipped" if budget == 0 else "reused")
-        assert len(set(penalized.split())) / len(penalized.split()) > len(set(plain.split())) / len(
-            plain.split()
-        )
-        assert complete(budget) == (plain, "skipped" if budget == 0 else "reused")  # nothing carried over
+        assert decision == ("skipped" if budget == 0 else "reused")
+        assert len(set(penalized)) > len(set(plain))  # fewer repeated tokens
+        assert complete(budget) == (plain, decision)  # nothing carried over to the next request
 
 
 def test_the_server_serves_correctly_after_bad_input(running):
