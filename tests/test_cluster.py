@@ -170,6 +170,50 @@ def test_concurrent_identical_requests_train_once_across_replicas(cluster_app):
     assert len({a["adapter_id"] for a in answers}) == 1
 
 
+def replica_series(text: str, metric: str, **labels: str) -> dict[str, float]:
+    """{Serve replica id: value} of a Generator metric's series (with these labels) in a node's
+    Prometheus text."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        sample.labels["replica"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == metric
+        and sample.labels.get("deployment") == "Generator"
+        and labels.items() <= sample.labels.items()
+    }
+
+
+def test_every_generator_replica_exports_its_own_counters(cluster_app):
+    """The ingress's /metrics reads one Generator replica per scrape; each replica also exports its
+    counters as Ray metrics, one series per replica on its node's metrics port. Every training the
+    ingress counted as a cache miss is a miss on exactly one replica."""
+    url = cluster_app["url"]
+    ports = [node.metrics_export_port for node in cluster_app["workers"]]  # one Generator on each
+
+    def per_replica(metric: str, **labels: str) -> dict[str, float]:
+        series: dict[str, float] = {}
+        for port in ports:
+            series |= replica_series(
+                httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text, metric, **labels
+            )
+        return series
+
+    for i in range(4):  # trainings of its own, spread over the replicas by their keys
+        assert ttt(ask(url, f"def exported_{i}(values):", budget=1, cache_salt=f"metrics-{i}"))["trained"]
+    lines = httpx.get(f"{url}/metrics").text.splitlines()
+    trained = float(
+        next(x for x in lines if x.startswith('ttserve_adapter_cache_total{result="miss"}')).split()[-1]
+    )
+    assert trained >= 4
+    misses = lambda: per_replica("ray_ttserve_generator_adapter_cache_lookups_total", result="miss")  # noqa: E731
+    wait_until(
+        lambda: sum(misses().values()) == trained, 90, "the replicas' misses to add up to the trainings"
+    )
+    assert len(per_replica("ray_ttserve_generator_adapters_cached")) == 2  # a series for each replica
+
+
 def test_a_worker_node_lost_mid_load_ends_requests_cleanly_and_the_service_recovers(cluster_app):
     url, cluster, serve = cluster_app["url"], cluster_app["cluster"], cluster_app["serve"]
     prompts = [f"def task_{i}(items):\n    total = 0" for i in range(24)]

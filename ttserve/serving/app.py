@@ -19,6 +19,7 @@ each deployment imports what it runs in its constructor.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -37,6 +38,9 @@ from ttserve.serving.routing import ADAPTERS
 from ttserve.serving.sizing import deployment_options
 
 log = logging.getLogger(__name__)
+# How often a Generator replica exports its counters as Ray metrics: Ray's agent sends them on every
+# metrics_report_interval_ms (10 s by default), so twice as often loses nothing.
+RAY_METRICS_PERIOD_S = 5.0
 
 
 def _settings(config: str | None, overrides: dict[str, Any] | None) -> Settings:
@@ -140,6 +144,19 @@ class GeneratorDeployment:
             return await planner.retrieve.remote(text, **options)
 
         self.replica = await GeneratorReplica(_settings(config, overrides), retrieve).start()
+        self._export = asyncio.get_running_loop().create_task(self._export_metrics())
+
+    async def _export_metrics(self) -> None:
+        """This replica's counters as Ray metrics (serving/metrics.py), for as long as the replica lives."""
+        from ttserve.serving.metrics import RayReplicaMetrics
+
+        metrics = RayReplicaMetrics()
+        while True:
+            try:
+                metrics.export(await self.replica.stats())
+            except Exception:  # noqa: BLE001 - metrics must never take a replica down
+                log.exception("exporting the replica's metrics failed")
+            await asyncio.sleep(RAY_METRICS_PERIOD_S)
 
     async def stream(self, request: GenerateRequest, plan: TrainingPlan | None = None) -> AsyncIterator:
         async for event in self.replica.stream(request, plan):

@@ -2,7 +2,9 @@
 
 Two kinds: what this ingress saw of its own traffic (requests, latency, decisions, tokens), counted as
 requests pass; and the generator replica's own counters (adapter cache, training queue, LoRA gate), read
-from the backend when /metrics is scraped (`ReplicaCollector`).
+from the backend when /metrics is scraped (`ReplicaCollector`). Under Ray that read reaches one Generator
+replica; every replica also exports its own counters as Ray metrics (`RayReplicaMetrics`), one series per
+replica on each node's Ray metrics port.
 """
 
 from __future__ import annotations
@@ -82,6 +84,19 @@ REPLICA_METRICS = (
 )
 
 
+def replica_samples(stats: ReplicaStats) -> Iterator[tuple[str, str, str, dict[str, str], float]]:
+    """(metric, help, kind, labels, value) for every counter in REPLICA_METRICS that this replica has."""
+    for name, documentation, kind, fields in REPLICA_METRICS:
+        if isinstance(fields, str):
+            samples = [({}, getattr(stats, fields))]
+        else:
+            label, by_value = fields
+            samples = [({label: value}, getattr(stats, field)) for value, field in by_value.items()]
+        if all(value is not None for _, value in samples):
+            for labels, value in samples:
+                yield name, documentation, kind, labels, value
+
+
 class ReplicaCollector(Collector):
     """The generator replica's counters as of the last scrape (`update`); nothing until one succeeds."""
 
@@ -99,20 +114,41 @@ class ReplicaCollector(Collector):
         )
         if self.stats is None:
             return
+        families: dict[str, Metric] = {}
+        for name, documentation, kind, labels, value in replica_samples(self.stats):
+            if name not in families:
+                family = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
+                families[name] = family(name, documentation, labels=list(labels))
+            families[name].add_metric(list(labels.values()), value)
+        yield from families.values()
+
+
+class RayReplicaMetrics:
+    """A Generator replica's counters as Ray metrics (`export` them every few seconds). Serve tags each
+    series with its deployment, replica and application, and Ray's metrics agent on every node serves
+    them, prefixed `ray_`, to Prometheus: the per-replica view that the ingress's /metrics, which reads one
+    replica per scrape, cannot give."""
+
+    def __init__(self) -> None:
+        from ray.serve import metrics
+
+        self.metrics = {}
         for name, documentation, kind, fields in REPLICA_METRICS:
-            family = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
-            if isinstance(fields, str):
-                value = getattr(self.stats, fields)
-                if value is not None:
-                    yield family(name, documentation, value=value)
+            family = metrics.Gauge if kind == "gauge" else metrics.Counter
+            tag_keys = () if isinstance(fields, str) else (fields[0],)
+            self.metrics[name] = family(name, description=documentation, tag_keys=tag_keys)
+        self.exported: dict[tuple[str, tuple], float] = {}  # counters: the value already added
+
+    def export(self, stats: ReplicaStats) -> None:
+        for name, _, kind, labels, value in replica_samples(stats):
+            metric, tags = self.metrics[name], labels or None
+            if kind == "gauge":
+                metric.set(value, tags=tags)
                 continue
-            label, by_value = fields
-            values = {value: getattr(self.stats, field) for value, field in by_value.items()}
-            if all(v is not None for v in values.values()):
-                metric = family(name, documentation, labels=[label])
-                for value, count in values.items():
-                    metric.add_metric([value], count)
-                yield metric
+            key = (name, tuple(labels.items()))
+            if value > self.exported.get(key, 0):  # Ray counters only add
+                metric.inc(value - self.exported.get(key, 0), tags=tags)
+                self.exported[key] = value
 
 
 class Metrics:
