@@ -14,6 +14,19 @@ from ttserve.config import Settings
 CODE_PROMPT = "def parse_config(path):\n    with open(path) as handle:\n        return"
 
 
+def metric_values(text: str, sample: str, by: str, **labels: str) -> dict[str, float]:
+    """{value of label `by`: sample value} for the samples named `sample` (with these labels too) in a
+    Prometheus text exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        s.labels[by]: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == sample and by in s.labels and labels.items() <= s.labels.items()
+    }
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

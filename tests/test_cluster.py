@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.serving import run_app_on_serve
+from tests.serving import metric_values, run_app_on_serve
 
 pytestmark = pytest.mark.slow
 
@@ -170,21 +170,6 @@ def test_concurrent_identical_requests_train_once_across_replicas(cluster_app):
     assert len({a["adapter_id"] for a in answers}) == 1
 
 
-def replica_series(text: str, metric: str, **labels: str) -> dict[str, float]:
-    """{Serve replica id: value} of a Generator metric's series (with these labels) in a node's
-    Prometheus text."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    return {
-        sample.labels["replica"]: sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == metric
-        and sample.labels.get("deployment") == "Generator"
-        and labels.items() <= sample.labels.items()
-    }
-
-
 def test_every_generator_replica_exports_its_own_counters(cluster_app):
     """The ingress's /metrics reads one Generator replica per scrape; each replica also exports its
     counters as Ray metrics, one series per replica on its node's metrics port. Every training the
@@ -195,17 +180,13 @@ def test_every_generator_replica_exports_its_own_counters(cluster_app):
     def per_replica(metric: str, **labels: str) -> dict[str, float]:
         series: dict[str, float] = {}
         for port in ports:
-            series |= replica_series(
-                httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text, metric, **labels
-            )
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+            series |= metric_values(text, metric, "replica", deployment="Generator", **labels)
         return series
 
     for i in range(4):  # trainings of its own, spread over the replicas by their keys
         assert ttt(ask(url, f"def exported_{i}(values):", budget=1, cache_salt=f"metrics-{i}"))["trained"]
-    lines = httpx.get(f"{url}/metrics").text.splitlines()
-    trained = float(
-        next(x for x in lines if x.startswith('ttserve_adapter_cache_total{result="miss"}')).split()[-1]
-    )
+    trained = metric_values(httpx.get(f"{url}/metrics").text, "ttserve_adapter_cache_total", "result")["miss"]
     assert trained >= 4
     misses = lambda: per_replica("ray_ttserve_generator_adapter_cache_lookups_total", result="miss")  # noqa: E731
     wait_until(

@@ -20,6 +20,7 @@ import httpx
 import pytest
 import torch
 
+from tests.serving import metric_values
 from ttserve.adapter_cache import AdapterCache, AdapterKey
 from ttserve.config import EngineConfig, ModelConfig, TrainingConfig
 from ttserve.engines import Adapter, ContextLengthError, Engine, SamplingParams, collect
@@ -721,16 +722,9 @@ SERVER_PROMPT = "How long do I knead the dough before the bread rises?"
 
 def lora_gate_counts(url: str) -> dict[str, float]:
     """The server's /metrics: requests through vLLM's LoRA gate so far, by path."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    families = text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
-    return {
-        sample.labels["path"]: sample.value
-        for family in families
-        if family.name == "ttserve_generator_lora_gate_requests"
-        for sample in family.samples
-        if sample.name.endswith("_total") and sample.labels["path"] in ("plain", "adapted")
-    }
+    text = httpx.get(f"{url}/metrics").text
+    counts = metric_values(text, "ttserve_generator_lora_gate_requests_total", "path")
+    return {path: count for path, count in counts.items() if path in ("plain", "adapted")}
 
 
 def test_vllm_behind_the_server_answers_like_transformers_until_its_process_dies(

@@ -450,7 +450,7 @@ def calibrate(
     skip threshold and gain fraction to evaluation runs."""
     from dataclasses import replace
 
-    from ttserve.evaluation import cross_validate_policy, fit_gain_model, load_report
+    from ttserve.evaluation import calibration_budget, cross_validate_policy, fit_gain_model, load_report
     from ttserve.policy import replay
 
     try:
@@ -474,8 +474,8 @@ def calibrate(
         f" predicted, else the fewest steps reaching {model.gain_fraction} of the gain -> {out}"
     )
     if estimate is not None:
-        budget = max(max(r.config["steps"]) for r in reports)
-        fitted = replay(model, [p for r in reports for p in r.calibration_prompts()], budget)
+        prompts = [p for r in reports for p in r.calibration_prompts()]
+        fitted = replay(model, prompts, calibration_budget(reports))
         typer.echo(
             f"on the calibration prompts it keeps {fitted.gain_share:.1%} of the gain for"
             f" {fitted.steps_share:.1%} of the steps; on unseen ones ({folds}-fold cross-validation,"

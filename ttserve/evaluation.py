@@ -385,9 +385,14 @@ def fit_gain_model(reports: Sequence[EvalReport], keep: float) -> GainModel:
         d.variances.get("sift") for r in reports for d in r.documents if "sift" in d.runs
     )
     if prompts and every_sift_run_has_its_trajectory:
-        return fit_policy(model, prompts, budget=max(max(r.config["steps"]) for r in reports), keep=keep)
+        return fit_policy(model, prompts, budget=calibration_budget(reports), keep=keep)
     rows = [report.prompt_points() for report in reports]
     return model.with_threshold(*(np.concatenate([p[i] for p in rows]) for i in range(3)), keep=keep)
+
+
+def calibration_budget(reports: Sequence[EvalReport]) -> int:
+    """The budget a policy is fitted for on these runs: their largest step count."""
+    return max(max(report.config["steps"]) for report in reports)
 
 
 def cross_validate_policy(
@@ -408,7 +413,7 @@ def cross_validate_policy(
         )
     if not 2 <= folds <= len(documents):
         raise ValueError(f"need 2 to {len(documents)} folds for {len(documents)} documents, got {folds}")
-    budget = max(max(r.config["steps"]) for r in reports)
+    budget = calibration_budget(reports)
     prompts = [EvalReport(reports[i].config, [d]).calibration_prompts()[0] for i, d in documents]
     rng = np.random.default_rng(seed)
     total = Replay(0.0, 0.0, 0.0, 0.0)

@@ -146,8 +146,9 @@ class RayReplicaMetrics:
                 metric.set(value, tags=tags)
                 continue
             key = (name, tuple(labels.items()))
-            if value > self.exported.get(key, 0):  # Ray counters only add
-                metric.inc(value - self.exported.get(key, 0), tags=tags)
+            before = self.exported.get(key, 0)
+            if value > before:  # Ray counters only add
+                metric.inc(value - before, tags=tags)
                 self.exported[key] = value
 
 

@@ -17,6 +17,7 @@ optional numbers in `ttt`), and omitted keys where OpenAI omits them (unset `del
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import uuid
@@ -259,9 +260,15 @@ class _RequestModel(BaseModel):
         # OpenAI treats an explicit null as "use the default", and some clients send `"stop": null`. Only
         # for the request's own fields: an unknown one is refused, null or not.
         if isinstance(data, dict):
-            known = {key for name, f in cls.model_fields.items() for key in (name, f.alias) if key}
+            known = _field_names(cls)
             return {k: v for k, v in data.items() if v is not None or k not in known}
         return data
+
+
+@functools.cache
+def _field_names(model: type[BaseModel]) -> frozenset[str]:
+    """A request model's field names and aliases: what `_null_means_default` may drop a null for."""
+    return frozenset(key for name, f in model.model_fields.items() for key in (name, f.alias) if key)
 
 
 class TTTOptions(_RequestModel):
