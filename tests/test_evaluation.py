@@ -249,6 +249,36 @@ def test_fit_gain_model_pools_reports_and_keeps_the_asked_share():
         fit_gain_model([], keep=0.95)
 
 
+def test_the_bootstrap_interval_brackets_the_policy_share_and_narrows_with_more_documents():
+    def report(documents: int) -> EvalReport:
+        # Every document gains 1 bit at 16 steps; the policy trains every other one fully and skips the rest.
+        results = []
+        for i in range(documents):
+            full = Checkpoint(budget=16, steps=16, loglik=-99.0, reduction=0.5)
+            results.append(
+                DocumentResult(
+                    id=f"d{i}", bytes=100, tokens=40, excluded=0, base_loglik=-100.0,
+                    runs={"sift": [full]}, adaptive=full if i % 2 else None,
+                )
+            )  # fmt: skip
+        return EvalReport(config={"steps": [16], "strategies": ["sift"]}, documents=results)
+
+    small, large = report(20).summary()["adaptive"], report(320).summary()["adaptive"]
+    assert small["gain_fraction_of_full"] == 0.5 and small["steps"] / small["full_steps"] == 0.5
+    low, high = small["bootstrap_5_95"]["gain_fraction"]
+    assert low < 0.5 < high and small["bootstrap_5_95"]["steps_fraction"] == [low, high]  # equal gains
+    large_low, large_high = large["bootstrap_5_95"]["gain_fraction"]
+    assert low < large_low < 0.5 < large_high < high
+    # 16 times the documents, a quarter of the width (binomial: the width falls as 1/sqrt(n))
+    assert (large_high - large_low) == pytest.approx((high - low) / 4, rel=0.35)
+    assert report(20).adaptive_interval() == report(20).adaptive_interval()  # seeded
+
+    everything = report(20)
+    for d in everything.documents:
+        d.adaptive = d.runs["sift"][0]
+    assert everything.adaptive_interval()["gain_fraction"] == [1.0, 1.0]
+
+
 def report_with_trajectories(documents: int, gain_follows_uncertainty: bool, seed: int = 0) -> EvalReport:
     """SIFT runs at 4/8/16 steps whose σ² falls by a random amount per document; the realised gain is a
     power of that reduction, or (otherwise) drawn independently of it."""

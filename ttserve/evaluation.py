@@ -103,6 +103,7 @@ class EvalReport:
                 "full_steps": full_steps,
                 "compute_saved": 1 - adaptive_steps / full_steps if full_steps else float("nan"),
                 "trained_documents": sum(1 for d in self.documents if d.adaptive and d.adaptive.steps),
+                "bootstrap_5_95": self.adaptive_interval(),
             }
         summary["per_document"] = self.per_document()
         reductions, gains, _ = self.calibration_points()
@@ -117,6 +118,33 @@ class EvalReport:
             # Across prompts at one budget: does SIFT's uncertainty say which prompts training helps?
             summary["correlation"]["spearman_prompts"] = float(_spearman(reductions, gains))
         return summary
+
+    def adaptive_interval(self, resamples: int = 2000, seed: int = 0) -> dict:
+        """The adaptive policy's share of the full gain and of the steps, 5th and 95th percentiles over
+        resamples of the documents with replacement: how far the shares could move on another sample of
+        documents like these. Seeded, so a report always prints the same interval."""
+        budget = max(self.config["steps"])
+        columns = []  # per document: adaptive and full gain in log-likelihood, adaptive and full steps
+        for d in self.documents:
+            full, adaptive = _at(d.runs["sift"], budget), d.adaptive
+            columns.append(
+                (
+                    adaptive.loglik - d.base_loglik if adaptive else 0.0,
+                    full.loglik - d.base_loglik,
+                    adaptive.steps if adaptive else 0,
+                    full.steps,
+                )
+            )
+        table = np.asarray(columns, dtype=float)
+        draws = np.random.default_rng(seed).integers(0, len(table), size=(resamples, len(table)))
+        sums = table[draws].sum(axis=1)  # resamples × the four columns summed
+        # Bytes cancel in a ratio of byte-weighted BPB gains: the shares are ratios of summed log-likelihoods.
+        with np.errstate(divide="ignore", invalid="ignore"):
+            shares = {"gain_fraction": sums[:, 0] / sums[:, 1], "steps_fraction": sums[:, 2] / sums[:, 3]}
+        return {
+            name: [float(np.nanpercentile(values, 5)), float(np.nanpercentile(values, 95))]
+            for name, values in shares.items()
+        } | {"resamples": resamples}
 
     def per_document(self) -> dict:
         """How often training won, document by document: each strategy and step count against the base
