@@ -6,7 +6,8 @@ on the same documents (kNN and SIFT run separately), or both.
         results/heldout-pile-rule-knn-71-90/results.json --out results/heldout-pile-rule-60
 
 Documents are matched by id; the runs must share their step counts, and no document may have the same
-strategy (or the adaptive policy) from two runs. It writes results.json, results.csv and bpb.png as
+strategy (or the adaptive policy) from two runs. `--strategies sift` pools only those strategies, for runs
+that evaluated different sets (SIFT alone here, SIFT and kNN there). It writes results.json, results.csv and bpb.png as
 `ttserve eval` does and prints the summary (byte-weighted BPB, the adaptive policy, per-document wins).
 """
 
@@ -20,13 +21,15 @@ from ttserve.contract import STRATEGIES
 from ttserve.evaluation import DocumentResult, EvalReport, load_report
 
 
-def merge(reports: list[EvalReport]) -> EvalReport:
+def merge(reports: list[EvalReport], only: set[str] | None = None) -> EvalReport:
     steps = reports[0].config["steps"]
     if any(r.config["steps"] != steps for r in reports):
         raise SystemExit(f"the runs have different step counts: {[r.config['steps'] for r in reports]}")
     documents: dict[str, DocumentResult] = {}
     for report in reports:
         for d in report.documents:
+            if only is not None:
+                d.runs = {s: c for s, c in d.runs.items() if s in only}
             kept = documents.setdefault(d.id, d)
             if kept is d:
                 continue
@@ -55,8 +58,12 @@ def main() -> None:
     )
     parser.add_argument("results", nargs="+", type=Path, help="results.json files of `ttserve eval`")
     parser.add_argument("--out", type=Path, required=True, help="directory for the pooled report")
+    parser.add_argument("--strategies", help="pool only these, comma-separated (default: every one)")
     args = parser.parse_args()
-    report = merge([load_report(path) for path in args.results])
+    only = set(args.strategies.split(",")) if args.strategies else None
+    if only is not None and not only <= set(STRATEGIES):
+        parser.error(f"--strategies takes {', '.join(STRATEGIES)}, not {args.strategies}")
+    report = merge([load_report(path) for path in args.results], only)
     report.write(args.out, report.config.get("model", ""))
     print(json.dumps(report.summary(), indent=1))
 

@@ -279,6 +279,22 @@ def test_the_bootstrap_interval_brackets_the_policy_share_and_narrows_with_more_
     assert everything.adaptive_interval()["gain_fraction"] == [1.0, 1.0]
 
 
+def test_merging_runs_pools_documents_and_can_keep_only_some_strategies():
+    from benchmarks.merge_results import merge
+
+    both, sift_only = synthetic_report(), synthetic_report()
+    for d in sift_only.documents:
+        d.id, d.runs = f"other-{d.id}", {"sift": d.runs["sift"]}
+    sift_only.config = {**sift_only.config, "strategies": ["sift"]}
+    with pytest.raises(SystemExit, match="not every document has every strategy"):
+        merge([synthetic_report(), sift_only])
+    pooled = merge([both, sift_only], only={"sift"})
+    assert len(pooled.documents) == 24 and pooled.config["strategies"] == ["sift"]
+    assert pooled.summary()["adaptive"]["full_steps"] == 24 * 16
+    with pytest.raises(SystemExit, match="the same strategy in two runs"):
+        merge([synthetic_report(), synthetic_report()])
+
+
 def report_with_trajectories(documents: int, gain_follows_uncertainty: bool, seed: int = 0) -> EvalReport:
     """SIFT runs at 4/8/16 steps whose σ² falls by a random amount per document; the realised gain is a
     power of that reduction, or (otherwise) drawn independently of it."""
