@@ -7,8 +7,9 @@ on the same documents (kNN and SIFT run separately), or both.
 
 Documents are matched by id; the runs must share their step counts, and no document may have the same
 strategy (or the adaptive policy) from two runs. `--strategies sift` pools only those strategies, for runs
-that evaluated different sets (SIFT alone here, SIFT and kNN there). It writes results.json, results.csv and bpb.png as
-`ttserve eval` does and prints the summary (byte-weighted BPB, the adaptive policy, per-document wins).
+that evaluated different sets (SIFT alone here, SIFT and kNN there). It writes results.json, results.csv
+and bpb.png as `ttserve eval` does and prints the summary (byte-weighted BPB, the adaptive policy with its
+bootstrap interval, per-document wins).
 """
 
 from __future__ import annotations
