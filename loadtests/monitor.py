@@ -89,18 +89,19 @@ def _stable_name(name: str) -> str:
 
 
 def read_gauges(metrics_text: str) -> dict[str, float]:
-    """The `GAUGES` present in a Prometheus text exposition, unlabelled samples only."""
+    """The `GAUGES` present in a Prometheus text exposition, summed over Generator replicas: unlabelled
+    samples, or samples labelled with nothing but their `replica` (under Ray, one series per replica)."""
     wanted = {metric: short for short, metric in GAUGES.items()}
-    gauges = {}
+    gauges: dict[str, float] = {}
     for family in text_string_to_metric_families(metrics_text):
         short = wanted.get(family.name)
         for sample in family.samples:
             if (
                 short is not None
                 and sample.name in (family.name, f"{family.name}_total")
-                and not sample.labels
+                and set(sample.labels) <= {"replica"}
             ):
-                gauges[short] = sample.value
+                gauges[short] = gauges.get(short, 0.0) + sample.value
     return gauges
 
 

@@ -171,8 +171,8 @@ def test_concurrent_identical_requests_train_once_across_replicas(cluster_app):
 
 
 def test_every_generator_replica_exports_its_own_counters(cluster_app):
-    """The ingress's /metrics reads one Generator replica per scrape; each replica also exports its
-    counters as Ray metrics, one series per replica on its node's metrics port. Every training the
+    """Each Generator replica exports its counters as Ray metrics, one series per replica on its node's
+    metrics port, and the ingress's /metrics keeps one series per replica as well. Every training the
     ingress counted as a cache miss is a miss on exactly one replica."""
     url = cluster_app["url"]
     ports = [node.metrics_export_port for node in cluster_app["workers"]]  # one Generator on each
@@ -193,6 +193,18 @@ def test_every_generator_replica_exports_its_own_counters(cluster_app):
         lambda: sum(misses().values()) == trained, 90, "the replicas' misses to add up to the trainings"
     )
     assert len(per_replica("ray_ttserve_generator_adapters_cached")) == 2  # a series for each replica
+
+    # The ingress's /metrics too: each scrape reads one replica and keeps the others' last reads, each
+    # replica under its own label, so that the counters add up once both have been reached.
+    def ingress_misses() -> dict[str, float]:
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+        return metric_values(text, "ttserve_generator_adapter_cache_lookups_total", "replica", result="miss")
+
+    wait_until(
+        lambda: (seen := ingress_misses()).keys() == misses().keys() and sum(seen.values()) == trained,
+        60,
+        "the ingress's /metrics to show both replicas' misses",
+    )
 
 
 def test_a_worker_node_lost_mid_load_ends_requests_cleanly_and_the_service_recovers(cluster_app):

@@ -383,6 +383,12 @@ def test_metrics_gauges_are_read_when_present():
     gauges = read_gauges(METRICS_TEXT)
     assert gauges == {"requests_in_flight": 3.0, "adapters_cached": 4.0, "adapter_evictions": 17.0}
     assert read_gauges("") == {}
+    # Under Ray, one series per Generator replica: the server's figure is their sum.
+    per_replica = METRICS_TEXT.replace(
+        "ttserve_generator_adapters_cached 4.0",
+        'ttserve_generator_adapters_cached{replica="a"} 4.0\nttserve_generator_adapters_cached{replica="b"} 2.0',
+    )
+    assert read_gauges(per_replica)["adapters_cached"] == 6.0
 
 
 def test_adapters_on_disk_counts_finished_adapter_directories(tmp_path):

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from tests.serving import CODE_PROMPT, Running, chat, run_app_on_serve, ttt_of
+from tests.serving import CODE_PROMPT, Running, chat, metric_values, run_app_on_serve, ttt_of
 
 pytestmark = pytest.mark.slow
 
@@ -107,13 +107,11 @@ def test_metrics_include_the_generator_replicas_counters(ray_app):
     chat(ray_app, content="import json", extra_body={"compute_budget": 1, "ttt": {"mode": "always"}})
     text = httpx.get(f"{ray_app.url}/metrics").text
     assert "ttserve_generator_up 1.0" in text
-    assert "ttserve_generator_adapters_cached" in text and "ttserve_generator_trainings_queued 0.0" in text
-    misses = next(
-        line
-        for line in text.splitlines()
-        if line.startswith('ttserve_generator_adapter_cache_lookups_total{result="miss"}')
-    )
-    assert float(misses.split()[-1]) >= 1
+    # One Generator replica, its series labelled with its Serve replica tag
+    (replica,) = metric_values(text, "ttserve_generator_adapters_cached", "replica")
+    assert metric_values(text, "ttserve_generator_trainings_queued", "replica") == {replica: 0.0}
+    misses = metric_values(text, "ttserve_generator_adapter_cache_lookups_total", "replica", result="miss")
+    assert misses[replica] >= 1
 
 
 def test_a_planner_replica_killed_under_load_is_replaced_and_no_request_fails_badly(ray_app):

@@ -301,3 +301,5 @@ class ReplicaStats:
     gate_zero_adapter: int | None = None
     gate_adapted: int | None = None
     gate_waited: int | None = None
+    # Which replica these are: Ray Serve's replica tag under Ray (as on Ray's metrics port), "" in-process.
+    replica: str = ""

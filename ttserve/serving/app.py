@@ -20,6 +20,7 @@ each deployment imports what it runs in its constructor.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -144,6 +145,7 @@ class GeneratorDeployment:
             return await planner.retrieve.remote(text, **options)
 
         self.replica = await GeneratorReplica(_settings(config, overrides), retrieve).start()
+        self.replica_tag = serve.get_replica_context().replica_id.unique_id
         self._export = asyncio.get_running_loop().create_task(self._export_metrics())
 
     async def _export_metrics(self) -> None:
@@ -169,7 +171,8 @@ class GeneratorDeployment:
         return await self.replica.query(request)
 
     async def stats(self) -> ReplicaStats:
-        return await self.replica.stats()
+        # Named, so that the ingress's /metrics keeps one series per replica (metrics.ReplicaCollector).
+        return dataclasses.replace(await self.replica.stats(), replica=self.replica_tag)
 
     def record_routing_stats(self) -> dict[str, Any]:
         """What the router (routing.py) sends requests by: the adapters held or being trained here."""

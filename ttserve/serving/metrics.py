@@ -1,15 +1,16 @@
 """Prometheus metrics for GET /metrics. Every label takes values from a fixed set, so cardinality is bounded.
 
 Two kinds: what this ingress saw of its own traffic (requests, latency, decisions, tokens), counted as
-requests pass; and the generator replica's own counters (adapter cache, training queue, LoRA gate), read
+requests pass; and the generator replicas' own counters (adapter cache, training queue, LoRA gate), read
 from the backend when /metrics is scraped (`ReplicaCollector`). Under Ray that read reaches one Generator
-replica; every replica also exports its own counters as Ray metrics (`RayReplicaMetrics`), one series per
-replica on each node's Ray metrics port.
+replica, so the ingress keeps each replica's last read, labelled `replica`; every replica also exports its
+own counters as Ray metrics (`RayReplicaMetrics`), fresh every few seconds on each node's Ray metrics port.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -25,6 +26,8 @@ ENDPOINT_OF_PATH = {
     "/metrics": "metrics",
 }  # anything else is "other"
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+# How long the ingress's /metrics keeps a Generator replica's series after the last scrape that read it.
+REPLICA_KEPT_S = 300.0
 
 
 # The generator replica's counters: (metric, help, kind, a ReplicaStats field, or (label, {value: field})).
@@ -98,36 +101,49 @@ def replica_samples(stats: ReplicaStats) -> Iterator[tuple[str, str, str, dict[s
 
 
 class ReplicaCollector(Collector):
-    """The generator replica's counters as of the last scrape (`update`); nothing until one succeeds."""
+    """The generator replicas' counters as last read (`update`); nothing until a read succeeds.
 
-    def __init__(self) -> None:
-        self.stats: ReplicaStats | None = None
+    In-process there is one replica, read on every scrape, and its series carry no replica label. Under
+    Ray each read reaches whichever Generator replica Serve picks, so the collector keeps the last read of
+    every replica and labels its series `replica` (Serve's replica tag, as on Ray's metrics port): one
+    series per replica, each counter only rising, instead of one series jumping between replicas, which
+    Prometheus would read as counter resets. A replica's series is as fresh as the last scrape that
+    reached it, and is dropped once no scrape has reached it for `REPLICA_KEPT_S` (stopped or scaled away).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.replicas: dict[str, tuple[float, ReplicaStats]] = {}  # replica tag -> (read at, stats)
         self.up = False
 
     def update(self, stats: ReplicaStats | None) -> None:
+        """A scrape's read of one replica, or None when it failed (the last values stay, with up = 0)."""
+        now = self.clock()
         self.up = stats is not None
-        self.stats = stats or self.stats  # a failed read keeps the last values, with up = 0
+        if stats is not None:
+            self.replicas[stats.replica] = (now, stats)
+        self.replicas = {tag: read for tag, read in self.replicas.items() if now - read[0] <= REPLICA_KEPT_S}
 
     def collect(self) -> Iterator[Metric]:
         yield GaugeMetricFamily(
             "ttserve_generator_up", "1 when the last scrape read the generator's counters", value=int(self.up)
         )
-        if self.stats is None:
-            return
         families: dict[str, Metric] = {}
-        for name, documentation, kind, labels, value in replica_samples(self.stats):
-            if name not in families:
-                family = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
-                families[name] = family(name, documentation, labels=list(labels))
-            families[name].add_metric(list(labels.values()), value)
+        for tag, (_, stats) in sorted(self.replicas.items()):
+            for name, documentation, kind, labels, value in replica_samples(stats):
+                labels = {"replica": tag, **labels} if tag else labels
+                if name not in families:
+                    family = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
+                    families[name] = family(name, documentation, labels=list(labels))
+                families[name].add_metric(list(labels.values()), value)
         yield from families.values()
 
 
 class RayReplicaMetrics:
     """A Generator replica's counters as Ray metrics (`export` them every few seconds). Serve tags each
     series with its deployment, replica and application, and Ray's metrics agent on every node serves
-    them, prefixed `ray_`, to Prometheus: the per-replica view that the ingress's /metrics, which reads one
-    replica per scrape, cannot give."""
+    them, prefixed `ray_`, to Prometheus: every replica fresh every few seconds, where the ingress's
+    /metrics has each replica as of the last scrape that reached it."""
 
     def __init__(self) -> None:
         from ray.serve import metrics
