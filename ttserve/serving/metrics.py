@@ -1,4 +1,5 @@
-"""Prometheus metrics for GET /metrics. Every label takes values from a fixed set, so cardinality is bounded.
+"""Prometheus metrics for GET /metrics. Every label takes values from a fixed set, but `replica` from the
+live Generator replicas, so cardinality is bounded.
 
 Two kinds: what this ingress saw of its own traffic (requests, latency, decisions, tokens), counted as
 requests pass; and the generator replicas' own counters (adapter cache, training queue, LoRA gate), read
