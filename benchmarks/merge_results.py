@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from ttserve.contract import STRATEGIES
@@ -30,7 +31,7 @@ def merge(reports: list[EvalReport], only: set[str] | None = None) -> EvalReport
     for report in reports:
         for d in report.documents:
             if only is not None:
-                d.runs = {s: c for s, c in d.runs.items() if s in only}
+                d = replace(d, runs={s: c for s, c in d.runs.items() if s in only})
             kept = documents.setdefault(d.id, d)
             if kept is d:
                 continue

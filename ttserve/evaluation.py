@@ -92,15 +92,14 @@ class EvalReport:
             "bpb": table,
         }
         if "sift" in self.config["strategies"]:
-            full_gain = table["base"] - table["sift"][str(max(steps))]
-            adaptive_gain = table["base"] - self.bpb("adaptive")
-            adaptive_steps = sum(d.adaptive.steps if d.adaptive else 0 for d in self.documents)
-            full_steps = sum(_at(d.runs["sift"], max(steps)).steps for d in self.documents)
+            adaptive_gain, full_gain, adaptive_steps, full_steps = (
+                self._adaptive_columns().sum(axis=0).tolist()
+            )
             summary["adaptive"] = {
                 "bpb": self.bpb("adaptive"),
                 "gain_fraction_of_full": adaptive_gain / full_gain if full_gain else float("nan"),
-                "steps": adaptive_steps,
-                "full_steps": full_steps,
+                "steps": int(adaptive_steps),
+                "full_steps": int(full_steps),
                 "compute_saved": 1 - adaptive_steps / full_steps if full_steps else float("nan"),
                 "trained_documents": sum(1 for d in self.documents if d.adaptive and d.adaptive.steps),
                 "bootstrap_5_95": self.adaptive_interval(),
@@ -119,26 +118,24 @@ class EvalReport:
             summary["correlation"]["spearman_prompts"] = float(_spearman(reductions, gains))
         return summary
 
+    def _adaptive_columns(self) -> np.ndarray:
+        """Per document: the adaptive policy's and the full budget's gain (log-likelihood), and their steps.
+        Bytes cancel in a ratio of byte-weighted BPB gains, so the shares are ratios of these columns' sums."""
+        budget = max(self.config["steps"])
+        rows = []
+        for d in self.documents:
+            full, adaptive = _at(d.runs["sift"], budget), d.adaptive
+            gain = adaptive.loglik - d.base_loglik if adaptive else 0.0
+            rows.append((gain, full.loglik - d.base_loglik, adaptive.steps if adaptive else 0, full.steps))
+        return np.asarray(rows, dtype=float).reshape(-1, 4)
+
     def adaptive_interval(self, resamples: int = 2000, seed: int = 0) -> dict:
         """The adaptive policy's share of the full gain and of the steps, 5th and 95th percentiles over
         resamples of the documents with replacement: how far the shares could move on another sample of
         documents like these. Seeded, so a report always prints the same interval."""
-        budget = max(self.config["steps"])
-        columns = []  # per document: adaptive and full gain in log-likelihood, adaptive and full steps
-        for d in self.documents:
-            full, adaptive = _at(d.runs["sift"], budget), d.adaptive
-            columns.append(
-                (
-                    adaptive.loglik - d.base_loglik if adaptive else 0.0,
-                    full.loglik - d.base_loglik,
-                    adaptive.steps if adaptive else 0,
-                    full.steps,
-                )
-            )
-        table = np.asarray(columns, dtype=float)
+        table = self._adaptive_columns()
         draws = np.random.default_rng(seed).integers(0, len(table), size=(resamples, len(table)))
         sums = table[draws].sum(axis=1)  # resamples × the four columns summed
-        # Bytes cancel in a ratio of byte-weighted BPB gains: the shares are ratios of summed log-likelihoods.
         with np.errstate(divide="ignore", invalid="ignore"):
             shares = {"gain_fraction": sums[:, 0] / sums[:, 1], "steps_fraction": sums[:, 2] / sums[:, 3]}
         return {
